@@ -1,0 +1,1 @@
+//! Shared helpers for Tern benchmarks (the benches themselves live in `benches/`).

@@ -1,0 +1,200 @@
+//! The admin server: liveness, readiness, Prometheus metrics, the active config and the live
+//! state of every endpoint.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::store::Store;
+
+pub async fn serve(listener: TcpListener, app: App) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(respond(&app, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" if app.is_ready() => text(StatusCode::OK, "ready\n".into()),
+        "/ready" if app.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        "/metrics" => {
+            let mut out = String::with_capacity(16 * 1024);
+            match prometheus_client::encoding::text::encode(&mut out, app.registry()) {
+                Ok(()) => {
+                    let mut r = text(StatusCode::OK, out);
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    r
+                }
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "metrics encoding failed\n".into(),
+                ),
+            }
+        }
+        "/config_dump" => {
+            let snapshot = app.store().load();
+            json_response(json!({
+                "version": snapshot.version,
+                "source": snapshot.source,
+                "listeners_bound": app.bound_addresses(),
+                "config": &*snapshot.config.raw,
+            }))
+        }
+        "/endpoints" => json_response(endpoints_json(app.store())),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live /ready /metrics /config_dump /endpoints\n".into(),
+        ),
+    }
+}
+
+fn endpoints_json(store: &Store) -> serde_json::Value {
+    let snapshot = store.load();
+    let now = Instant::now();
+    let mut services: Vec<_> = snapshot.services.values().collect();
+    services.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    let services: Vec<_> = services
+        .into_iter()
+        .map(|s| {
+            let endpoints: Vec<_> = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let load = &e.state.load;
+                    json!({
+                        "address": e.state.label,
+                        "weight": e.weight,
+                        "in_flight": load.in_flight(),
+                        "ewma_ms": load.ewma(now).as_secs_f64() * 1000.0,
+                        "available": load.is_available(now),
+                    })
+                })
+                .collect();
+            json!({
+                "service": &*s.config.name,
+                "load_balancer": s.balancer.kind().as_str(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "version": snapshot.version, "services": services })
+}
+
+fn json_response(value: serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "{}".into());
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Exports live per-endpoint load (in flight, EWMA) read from the active snapshot at scrape
+/// time, so the request path keeps a single counter and metrics never go stale.
+#[derive(Debug)]
+pub struct EndpointCollector {
+    store: Store,
+}
+
+impl EndpointCollector {
+    pub fn new(store: Store) -> Self {
+        EndpointCollector { store }
+    }
+}
+
+impl Collector for EndpointCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = Arc::clone(&self.store.load());
+        let now = Instant::now();
+        let mut in_flight = encoder.encode_descriptor(
+            "tern_upstream_in_flight",
+            "Requests or connections in flight to an endpoint",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in snapshot.services.values() {
+            for e in &s.endpoints {
+                let labels = [
+                    ("service", &*s.config.name),
+                    ("endpoint", e.state.label.as_str()),
+                ];
+                ConstGauge::new(i64::from(e.state.load.in_flight()))
+                    .encode(in_flight.encode_family(&labels)?)?;
+            }
+        }
+        let mut ewma = encoder.encode_descriptor(
+            "tern_upstream_ewma_seconds",
+            "Peak-EWMA latency estimate of an endpoint",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in snapshot.services.values() {
+            for e in &s.endpoints {
+                let labels = [
+                    ("service", &*s.config.name),
+                    ("endpoint", e.state.label.as_str()),
+                ];
+                ConstGauge::new(e.state.load.ewma(now).as_secs_f64())
+                    .encode(ewma.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! Wiring: applies configurations (bind, swap, reconcile listeners), serves admin, reloads
+//! on SIGHUP or file change, and drains on shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{Config, ConfigError, load_file};
+use crate::listener::{self, ListenerHandle};
+use crate::metrics::{Metrics, ReloadResult};
+use crate::snapshot::Snapshot;
+use crate::store::{Store, new_store};
+
+/// Why a configuration could not be applied (the running one stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("listener {listener}: cannot bind {address}: {source}")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+    drain: CancellationToken,
+    tracker: TaskTracker,
+    listeners: tokio::sync::Mutex<HashMap<Arc<str>, ListenerHandle>>,
+    bound: std::sync::Mutex<HashMap<String, SocketAddr>>,
+    ready: AtomicBool,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl App {
+    pub fn new() -> Self {
+        let store = new_store();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        registry.register_collector(Box::new(crate::admin::EndpointCollector::new(Arc::clone(
+            &store,
+        ))));
+        App {
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                registry,
+                drain: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                listeners: tokio::sync::Mutex::new(HashMap::new()),
+                bound: std::sync::Mutex::new(HashMap::new()),
+                ready: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// True once listeners are bound and a config is in force, until draining starts.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_cancelled()
+    }
+
+    /// The address each listener is actually bound to, by listener name.
+    pub fn bound_addresses(&self) -> HashMap<String, SocketAddr> {
+        self.inner
+            .bound
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+    }
+
+    /// Applies a validated config: binds new listeners first (a bind failure rejects the whole
+    /// config and changes nothing), swaps the snapshot, then stops listeners that are gone.
+    /// Connections already open are never touched.
+    pub async fn apply(&self, config: Config, source: String) -> Result<u64, ApplyError> {
+        let inner = &self.inner;
+        let config = Arc::new(config);
+        let mut running = inner.listeners.lock().await;
+
+        // Listeners whose address or protocol changed are restarted; the old socket is
+        // released first when the new one wants the same address.
+        let mut to_bind = Vec::new();
+        for l in &config.listeners {
+            match running.get(&l.name) {
+                Some(h) if h.configured == l.address && h.protocol == l.kind.protocol() => {}
+                _ => to_bind.push(l),
+            }
+        }
+        let mut released = Vec::new();
+        for l in &to_bind {
+            let holder = running
+                .iter()
+                .find(|(_, h)| h.configured == l.address && l.address.port() != 0)
+                .map(|(name, _)| Arc::clone(name));
+            if let Some(name) = holder
+                && let Some(handle) = running.remove(&name)
+            {
+                handle.stop().await;
+                released.push(name);
+            }
+        }
+        let mut bound = Vec::with_capacity(to_bind.len());
+        for l in &to_bind {
+            match listener::bind(l.address) {
+                Ok(socket) => bound.push((*l, socket)),
+                Err(source) => {
+                    if !released.is_empty() {
+                        tracing::warn!(listeners = ?released, "listeners were released for a rebind that failed");
+                    }
+                    return Err(ApplyError::Bind {
+                        listener: l.name.to_string(),
+                        address: l.address,
+                        source,
+                    });
+                }
+            }
+        }
+
+        let previous = inner.store.load_full();
+        let next = Snapshot::build(Arc::clone(&config), source, &previous, &inner.metrics);
+        let version = next.version;
+        inner.store.store(Arc::new(next));
+
+        for (l, socket) in bound {
+            if let Some(old) = running.remove(&l.name) {
+                old.stop().await;
+            }
+            match listener::start(
+                l,
+                socket,
+                Arc::clone(&inner.store),
+                inner.tracker.clone(),
+                inner.drain.clone(),
+            ) {
+                Ok(handle) => {
+                    running.insert(Arc::clone(&l.name), handle);
+                }
+                Err(e) => {
+                    tracing::error!(listener = %l.name, error = %e, "listener could not start")
+                }
+            }
+        }
+        let gone: Vec<Arc<str>> = running
+            .keys()
+            .filter(|name| !config.listeners.iter().any(|l| &l.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(handle) = running.remove(&name) {
+                tracing::info!(listener = %name, "listener removed");
+                handle.stop().await;
+            }
+        }
+        if let Ok(mut b) = inner.bound.lock() {
+            *b = running
+                .iter()
+                .map(|(n, h)| (n.to_string(), h.bound))
+                .collect();
+        }
+        Ok(version)
+    }
+
+    /// Starts the admin server on `addr`; returns the bound address.
+    pub async fn serve_admin(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let socket = listener::bind(addr)?;
+        let bound = socket.local_addr()?;
+        let app = self.clone();
+        tokio::spawn(
+            crate::admin::serve(socket, app)
+                .instrument(tracing::info_span!("admin", address = %bound)),
+        );
+        Ok(bound)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (HTTP/2 GOAWAY, HTTP/1 close), and
+    /// waits for connections to end, up to `timeout`. Returns whether everything finished.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.set_ready(false);
+        self.inner.drain.cancel();
+        let mut running = self.inner.listeners.lock().await;
+        for (_, handle) in running.drain() {
+            handle.stop().await;
+        }
+        self.inner.tracker.close();
+        let done = tokio::time::timeout(timeout, self.inner.tracker.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(
+                remaining = self.inner.tracker.len(),
+                ?timeout,
+                "drain timeout: closing remaining connections"
+            );
+        }
+        done
+    }
+
+    /// A token that fires when draining starts.
+    pub fn drain_signal(&self) -> CancellationToken {
+        self.inner.drain.clone()
+    }
+
+    /// Watches `path`: reloads when its content changes (checked every `interval`) or on
+    /// SIGHUP. An invalid file is logged and counted; the running config stays.
+    pub fn spawn_reloader(
+        &self,
+        path: PathBuf,
+        initial: &str,
+        interval: Duration,
+    ) -> std::io::Result<()> {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let app = self.clone();
+        let mut last_seen = hash(initial);
+        let task = async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let drain = app.drain_signal();
+            loop {
+                let forced = tokio::select! {
+                    () = drain.cancelled() => break,
+                    _ = hangup.recv() => true,
+                    _ = tick.tick() => false,
+                };
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        if forced {
+                            tracing::error!(path = %path.display(), error = %e, "reload failed: cannot read config");
+                            app.metrics().count_reload(ReloadResult::Failed);
+                        }
+                        continue;
+                    }
+                };
+                let h = hash(&text);
+                if h == last_seen && !forced {
+                    continue;
+                }
+                last_seen = h;
+                app.reload_text(&path, &text).await;
+            }
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("reloader")));
+        Ok(())
+    }
+
+    async fn reload_text(&self, path: &std::path::Path, text: &str) {
+        let config = match crate::config::parse_yaml(text) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "config rejected; keeping the running config");
+                self.metrics().count_reload(ReloadResult::Failed);
+                return;
+            }
+        };
+        match self.apply(config, source_label(path, text)).await {
+            Ok(version) => {
+                tracing::info!(path = %path.display(), version, "config reloaded");
+                self.metrics().count_reload(ReloadResult::Ok);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config rejected; keeping the running config");
+                self.metrics().count_reload(ReloadResult::Failed);
+            }
+        }
+    }
+}
+
+/// Loads a config file for startup.
+pub fn load(path: &std::path::Path) -> Result<(Config, String, String), ConfigError> {
+    let (config, text) = load_file(path)?;
+    let source = source_label(path, &text);
+    Ok((config, text, source))
+}
+
+/// `file:PATH#HASH`, shown in `/config_dump` so operators can tell which file is in force.
+pub fn source_label(path: &std::path::Path, text: &str) -> String {
+    format!("file:{}#{:016x}", path.display(), hash(text))
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}

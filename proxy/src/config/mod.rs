@@ -1,0 +1,127 @@
+//! Configuration: the YAML model, its validation into typed config, and loading from files.
+
+mod duration;
+mod load;
+mod model;
+mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+pub use duration::parse_duration;
+pub use load::{ConfigError, load_file, parse_yaml};
+pub use model::*;
+
+/// Default time in-flight work gets to finish after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client gets to send complete request headers.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time allowed to establish an upstream connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pooled upstream connections are closed after this much idleness, below the 5 s keep-alive
+/// of Node.js and similar servers, so that Tern is the side that closes (no "503 UC" race).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// A validated configuration: every name resolves, every address parses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub admin: Option<SocketAddr>,
+    pub drain_timeout: Duration,
+    pub listeners: Vec<Listener>,
+    pub services: Vec<Service>,
+    /// The file as parsed, for `/config_dump`.
+    pub raw: Arc<RawConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: Arc<str>,
+    pub address: SocketAddr,
+    pub header_timeout: Duration,
+    pub kind: ListenerKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerKind {
+    Http { routes: Vec<Route> },
+    Tcp { service: Arc<str> },
+}
+
+impl ListenerKind {
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            ListenerKind::Http { .. } => "http",
+            ListenerKind::Tcp { .. } => "tcp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub matcher: RouteMatch,
+    pub backends: Vec<Backend>,
+}
+
+/// What a request must look like for a route to apply; every present part must match.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteMatch {
+    /// Lower-case host without port; `*.example.com` matches any subdomain.
+    pub host: Option<String>,
+    pub path: Option<PathMatch>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub service: Arc<str>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub protocol: UpstreamProtocol,
+    pub load_balancer: LoadBalancerKind,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadBalancerKind {
+    RoundRobin,
+    LeastRequest,
+    PeakEwma,
+}
+
+impl LoadBalancerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalancerKind::RoundRobin => "round_robin",
+            LoadBalancerKind::LeastRequest => "least_request",
+            LoadBalancerKind::PeakEwma => "peak_ewma",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub address: SocketAddr,
+    pub weight: u32,
+}

@@ -1,0 +1,343 @@
+//! Meaning checks on a parsed file: names resolve, addresses parse, weights are sane.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use super::load::ConfigError;
+use super::model::*;
+use super::*;
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
+        let admin = raw
+            .admin
+            .as_ref()
+            .map(|a| parse_addr("admin.address", &a.address))
+            .transpose()?;
+        let drain_timeout = opt_duration(
+            "drain_timeout",
+            raw.drain_timeout.as_deref(),
+            DEFAULT_DRAIN_TIMEOUT,
+        )?;
+
+        let mut service_names = HashSet::new();
+        let mut services = Vec::with_capacity(raw.services.len());
+        for (i, s) in raw.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            let service = validate_service(&at, s)?;
+            if !service_names.insert(service.name.clone()) {
+                return Err(ConfigError::field(
+                    format!("{at}.name"),
+                    format!("duplicate service name {:?}", service.name),
+                ));
+            }
+            services.push(service);
+        }
+        let protocol_of = |name: &str| {
+            services
+                .iter()
+                .find(|s| &*s.name == name)
+                .map(|s| s.protocol)
+        };
+
+        let mut listener_names = HashSet::new();
+        let mut addresses = HashSet::new();
+        if let Some(admin) = admin {
+            addresses.insert(admin);
+        }
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}]");
+            let name = validate_name(&format!("{at}.name"), &l.name)?;
+            if !listener_names.insert(name.clone()) {
+                return Err(ConfigError::field(
+                    format!("{at}.name"),
+                    format!("duplicate listener name {name:?}"),
+                ));
+            }
+            let address = parse_addr(&format!("{at}.address"), &l.address)?;
+            if address.port() != 0 && !addresses.insert(address) {
+                return Err(ConfigError::field(
+                    format!("{at}.address"),
+                    format!(
+                        "address {address} is already used by another listener or the admin server"
+                    ),
+                ));
+            }
+            let header_timeout = opt_duration(
+                &format!("{at}.request_header_timeout"),
+                l.request_header_timeout.as_deref(),
+                DEFAULT_HEADER_TIMEOUT,
+            )?;
+            let kind = match l.protocol {
+                RawListenerProtocol::Http => {
+                    if l.service.is_some() {
+                        return Err(ConfigError::field(
+                            format!("{at}.service"),
+                            "an http listener routes with `routes`; `service` is for tcp listeners",
+                        ));
+                    }
+                    let mut routes = Vec::with_capacity(l.routes.len());
+                    for (j, r) in l.routes.iter().enumerate() {
+                        routes.push(validate_route(
+                            &format!("{at}.routes[{j}]"),
+                            r,
+                            &protocol_of,
+                        )?);
+                    }
+                    ListenerKind::Http { routes }
+                }
+                RawListenerProtocol::Tcp => {
+                    if !l.routes.is_empty() {
+                        return Err(ConfigError::field(
+                            format!("{at}.routes"),
+                            "a tcp listener has no routes; name its `service`",
+                        ));
+                    }
+                    let service = l.service.as_deref().ok_or_else(|| {
+                        ConfigError::field(
+                            format!("{at}.service"),
+                            "missing: a tcp listener needs a service",
+                        )
+                    })?;
+                    match protocol_of(service) {
+                        None => {
+                            return Err(ConfigError::field(
+                                format!("{at}.service"),
+                                format!("unknown service {service:?}"),
+                            ));
+                        }
+                        Some(UpstreamProtocol::Tcp) => {}
+                        Some(_) => {
+                            return Err(ConfigError::field(
+                                format!("{at}.service"),
+                                format!(
+                                    "service {service:?} speaks HTTP; a tcp listener needs a service with protocol tcp"
+                                ),
+                            ));
+                        }
+                    }
+                    ListenerKind::Tcp {
+                        service: Arc::from(service),
+                    }
+                }
+            };
+            listeners.push(Listener {
+                name,
+                address,
+                header_timeout,
+                kind,
+            });
+        }
+
+        Ok(Config {
+            admin,
+            drain_timeout,
+            listeners,
+            services,
+            raw: Arc::new(raw),
+        })
+    }
+}
+
+fn validate_service(at: &str, s: &RawService) -> Result<Service, ConfigError> {
+    let name = validate_name(&format!("{at}.name"), &s.name)?;
+    let protocol = match s.protocol {
+        RawServiceProtocol::Http1 => UpstreamProtocol::Http1,
+        RawServiceProtocol::Http2 => UpstreamProtocol::Http2,
+        RawServiceProtocol::Tcp => UpstreamProtocol::Tcp,
+    };
+    let load_balancer = match s.load_balancer {
+        RawLoadBalancer::RoundRobin => LoadBalancerKind::RoundRobin,
+        RawLoadBalancer::LeastRequest => LoadBalancerKind::LeastRequest,
+        RawLoadBalancer::PeakEwma => LoadBalancerKind::PeakEwma,
+    };
+    let connect_timeout = opt_duration(
+        &format!("{at}.connect_timeout"),
+        s.connect_timeout.as_deref(),
+        DEFAULT_CONNECT_TIMEOUT,
+    )?;
+    let idle_timeout = opt_duration(
+        &format!("{at}.idle_timeout"),
+        s.idle_timeout.as_deref(),
+        DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+    )?;
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    for (i, e) in s.endpoints.iter().enumerate() {
+        let address = parse_addr(&format!("{at}.endpoints[{i}].address"), &e.address)?;
+        if !seen.insert(address) {
+            return Err(ConfigError::field(
+                format!("{at}.endpoints[{i}].address"),
+                format!("duplicate endpoint {address}"),
+            ));
+        }
+        let weight = validate_weight(&format!("{at}.endpoints[{i}].weight"), e.weight)?;
+        endpoints.push(EndpointConfig { address, weight });
+    }
+    Ok(Service {
+        name,
+        protocol,
+        load_balancer,
+        connect_timeout,
+        idle_timeout,
+        endpoints,
+    })
+}
+
+fn validate_route(
+    at: &str,
+    r: &RawRoute,
+    protocol_of: &dyn Fn(&str) -> Option<UpstreamProtocol>,
+) -> Result<Route, ConfigError> {
+    let matcher = match &r.matcher {
+        None => RouteMatch::default(),
+        Some(m) => validate_match(&format!("{at}.match"), m)?,
+    };
+    if r.backends.is_empty() {
+        return Err(ConfigError::field(
+            format!("{at}.backends"),
+            "a route needs at least one backend",
+        ));
+    }
+    let mut backends = Vec::with_capacity(r.backends.len());
+    for (k, b) in r.backends.iter().enumerate() {
+        let field = format!("{at}.backends[{k}].service");
+        match protocol_of(&b.service) {
+            None => {
+                return Err(ConfigError::field(
+                    field,
+                    format!("unknown service {:?}", b.service),
+                ));
+            }
+            Some(UpstreamProtocol::Tcp) => {
+                return Err(ConfigError::field(
+                    field,
+                    format!(
+                        "service {:?} has protocol tcp; an http route needs an http1 or http2 service",
+                        b.service
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        let weight = validate_weight(&format!("{at}.backends[{k}].weight"), b.weight)?;
+        backends.push(Backend {
+            service: Arc::from(b.service.as_str()),
+            weight,
+        });
+    }
+    Ok(Route { matcher, backends })
+}
+
+fn validate_match(at: &str, m: &RawMatch) -> Result<RouteMatch, ConfigError> {
+    let host = match &m.host {
+        None => None,
+        Some(h) => {
+            let host = h.trim().to_ascii_lowercase();
+            let bare = host.strip_prefix("*.").unwrap_or(&host);
+            if bare.is_empty() || bare.contains(['/', ' ', ':', '*']) {
+                return Err(ConfigError::field(
+                    format!("{at}.host"),
+                    format!(
+                        "invalid host {h:?} (expected a name like api.local or *.example.com, without port)"
+                    ),
+                ));
+            }
+            Some(host)
+        }
+    };
+    let path = match (&m.path_prefix, &m.path) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::field(
+                format!("{at}.path"),
+                "give either path or path_prefix, not both",
+            ));
+        }
+        (Some(p), None) => Some(PathMatch::Prefix(validate_path(
+            &format!("{at}.path_prefix"),
+            p,
+        )?)),
+        (None, Some(p)) => Some(PathMatch::Exact(validate_path(&format!("{at}.path"), p)?)),
+        (None, None) => None,
+    };
+    let mut headers = Vec::with_capacity(m.headers.len());
+    for (name, value) in &m.headers {
+        let field = format!("{at}.headers.{name}");
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::field(&field, "invalid header name"))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| ConfigError::field(&field, "invalid header value"))?;
+        headers.push((name, value));
+    }
+    Ok(RouteMatch {
+        host,
+        path,
+        headers,
+    })
+}
+
+fn validate_path(at: &str, p: &str) -> Result<String, ConfigError> {
+    if !p.starts_with('/') {
+        return Err(ConfigError::field(
+            at,
+            format!("path {p:?} must start with '/'"),
+        ));
+    }
+    Ok(p.to_string())
+}
+
+fn validate_name(at: &str, name: &str) -> Result<Arc<str>, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if !ok {
+        return Err(ConfigError::field(
+            at,
+            format!("invalid name {name:?} (use 1-253 letters, digits, '-', '_', '.', ':')"),
+        ));
+    }
+    Ok(Arc::from(name))
+}
+
+fn validate_weight(at: &str, weight: Option<u32>) -> Result<u32, ConfigError> {
+    match weight {
+        None => Ok(1),
+        Some(0) => Err(ConfigError::field(
+            at,
+            "weight must be at least 1 (remove the entry to send it nothing)",
+        )),
+        Some(w) if w > 10_000 => Err(ConfigError::field(
+            at,
+            format!("weight {w} is above the maximum of 10000"),
+        )),
+        Some(w) => Ok(w),
+    }
+}
+
+fn parse_addr(at: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        ConfigError::field(
+            at,
+            format!("invalid address {text:?} (expected IP:PORT, e.g. 127.0.0.1:8080)"),
+        )
+    })
+}
+
+fn opt_duration(at: &str, text: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match text {
+        None => Ok(default),
+        Some(t) => parse_duration(t).map_err(|reason| ConfigError::field(at, reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

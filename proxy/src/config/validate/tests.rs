@@ -1,0 +1,153 @@
+use super::*;
+use crate::config::parse_yaml;
+
+const ISSUE_EXAMPLE: &str = r#"
+admin: { address: 127.0.0.1:15000 }
+listeners:
+  - name: web
+    address: 127.0.0.1:10080
+    protocol: http
+    routes:
+      - match: { host: api.local, path_prefix: /v2, headers: { x-canary: "1" } }
+        backends: [ { service: api-v2, weight: 10 }, { service: api, weight: 90 } ]
+      - backends: [ { service: api } ]
+  - name: raw
+    address: 127.0.0.1:10081
+    protocol: tcp
+    service: echo
+services:
+  - name: api
+    protocol: http1
+    load_balancer: round_robin
+    endpoints:
+      - { address: 127.0.0.1:9001, weight: 1 }
+  - name: api-v2
+    protocol: http2
+    load_balancer: peak_ewma
+    endpoints: [ { address: 127.0.0.1:9002 } ]
+  - name: echo
+    protocol: tcp
+    endpoints: [ { address: 127.0.0.1:9003 } ]
+"#;
+
+fn field_error(yaml: &str) -> (String, String) {
+    match parse_yaml(yaml) {
+        Err(ConfigError::Field { path, reason }) => (path, reason),
+        other => panic!("expected a field error, got {other:?}"),
+    }
+}
+
+#[test]
+fn accepts_the_documented_shape() {
+    let config = parse_yaml(ISSUE_EXAMPLE).expect("valid");
+    assert_eq!(config.admin, Some("127.0.0.1:15000".parse().unwrap()));
+    assert_eq!(config.listeners.len(), 2);
+    let ListenerKind::Http { routes } = &config.listeners[0].kind else {
+        panic!("http listener")
+    };
+    assert_eq!(routes[0].matcher.host.as_deref(), Some("api.local"));
+    assert_eq!(
+        routes[0].matcher.path,
+        Some(PathMatch::Prefix("/v2".into()))
+    );
+    assert_eq!(routes[0].matcher.headers.len(), 1);
+    assert_eq!(routes[0].backends[1].weight, 90);
+    assert_eq!(routes[1].backends[0].weight, 1);
+    assert_eq!(config.services[1].load_balancer, LoadBalancerKind::PeakEwma);
+    assert_eq!(config.services[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+}
+
+#[test]
+fn unknown_field_names_its_path() {
+    let yaml = ISSUE_EXAMPLE.replace("load_balancer: round_robin", "load_balancr: round_robin");
+    let (path, reason) = field_error(&yaml);
+    assert_eq!(path, "services[0]");
+    assert!(reason.contains("load_balancr"), "{reason}");
+}
+
+#[test]
+fn wrong_type_names_its_path() {
+    let yaml = ISSUE_EXAMPLE.replace("weight: 90", "weight: ninety");
+    let (path, _) = field_error(&yaml);
+    assert_eq!(path, "listeners[0].routes[0].backends[1].weight");
+}
+
+#[test]
+fn unknown_enum_value_names_its_path() {
+    let yaml = ISSUE_EXAMPLE.replace("load_balancer: peak_ewma", "load_balancer: random");
+    let (path, reason) = field_error(&yaml);
+    assert_eq!(path, "services[1].load_balancer");
+    assert!(reason.contains("random"), "{reason}");
+}
+
+#[test]
+fn unknown_service_is_rejected() {
+    let yaml = ISSUE_EXAMPLE.replace("service: api-v2", "service: api-v3");
+    let (path, reason) = field_error(&yaml);
+    assert_eq!(path, "listeners[0].routes[0].backends[0].service");
+    assert!(reason.contains("unknown service \"api-v3\""), "{reason}");
+}
+
+#[test]
+fn duplicate_names_are_rejected() {
+    let yaml = ISSUE_EXAMPLE.replace("name: api-v2", "name: api");
+    let (path, reason) = field_error(&yaml);
+    assert_eq!(path, "services[1].name");
+    assert!(reason.contains("duplicate"), "{reason}");
+
+    let yaml = ISSUE_EXAMPLE.replace("name: raw", "name: web");
+    let (path, _) = field_error(&yaml);
+    assert_eq!(path, "listeners[1].name");
+}
+
+#[test]
+fn bad_address_is_rejected() {
+    let yaml = ISSUE_EXAMPLE.replace("127.0.0.1:9003", "localhost:9003");
+    let (path, reason) = field_error(&yaml);
+    assert_eq!(path, "services[2].endpoints[0].address");
+    assert!(reason.contains("invalid address"), "{reason}");
+}
+
+#[test]
+fn protocol_mismatches_are_rejected() {
+    let yaml = ISSUE_EXAMPLE.replace("service: echo", "service: api");
+    let (path, _) = field_error(&yaml);
+    assert_eq!(path, "listeners[1].service");
+
+    let yaml = ISSUE_EXAMPLE.replace(
+        "backends: [ { service: api } ]",
+        "backends: [ { service: echo } ]",
+    );
+    let (path, _) = field_error(&yaml);
+    assert_eq!(path, "listeners[0].routes[1].backends[0].service");
+}
+
+#[test]
+fn zero_weight_and_bad_durations_are_rejected() {
+    let yaml = ISSUE_EXAMPLE.replace("weight: 1 }", "weight: 0 }");
+    let (path, _) = field_error(&yaml);
+    assert_eq!(path, "services[0].endpoints[0].weight");
+
+    let yaml = ISSUE_EXAMPLE.replace(
+        "admin: { address: 127.0.0.1:15000 }",
+        "drain_timeout: 10 seconds",
+    );
+    let (path, _) = field_error(&yaml);
+    assert_eq!(path, "drain_timeout");
+}
+
+#[test]
+fn shared_addresses_are_rejected() {
+    let yaml = ISSUE_EXAMPLE.replace("127.0.0.1:10081", "127.0.0.1:10080");
+    let (path, reason) = field_error(&yaml);
+    assert_eq!(path, "listeners[1].address");
+    assert!(reason.contains("already used"), "{reason}");
+}
+
+#[test]
+fn yaml_syntax_errors_are_reported() {
+    assert!(matches!(
+        parse_yaml("listeners: [ {"),
+        Err(ConfigError::Syntax(_))
+    ));
+}

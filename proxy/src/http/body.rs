@@ -1,0 +1,81 @@
+//! Response bodies: upstream bodies streamed through untouched (trailers included) and
+//! tracked until their end; short bodies for responses the proxy makes itself.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::time::Instant;
+
+use crate::balance::InFlight;
+
+/// What the proxy answers with: a forwarded upstream body or its own short body.
+pub type ProxyBody = Either<Tracked, Full<Bytes>>;
+
+pub fn full(text: impl Into<Bytes>) -> ProxyBody {
+    Either::Right(Full::new(text.into()))
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream body that keeps its endpoint's request in flight until the body ends (or
+    /// the client goes away), then records the request's total duration.
+    pub struct Tracked {
+        #[pin]
+        inner: Incoming,
+        done: Option<Done>,
+    }
+}
+
+struct Done {
+    _in_flight: InFlight,
+    duration: Histogram,
+    start: Instant,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.duration.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Tracked {
+    pub fn new(inner: Incoming, in_flight: InFlight, duration: Histogram, start: Instant) -> Self {
+        Tracked {
+            inner,
+            done: Some(Done {
+                _in_flight: in_flight,
+                duration,
+                start,
+            }),
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.done.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

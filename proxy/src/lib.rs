@@ -1,0 +1,23 @@
+//! Tern's proxy: a sidecar and gateway data plane.
+//!
+//! Layout (see ARCHITECTURE.md for the path of a request):
+//! - [`config`]: the YAML model, validation with field paths, loading.
+//! - [`snapshot`] and [`store`]: the runtime view of one config, swapped atomically.
+//! - [`balance`]: round robin, least request and peak-EWMA endpoint selection.
+//! - [`http`]: downstream serving, route matching, header rules, upstream pools.
+//! - [`tcp`]: opaque forwarding.
+//! - [`listener`]: binding and accept loops.
+//! - [`app`]: wiring, reload and drain; [`admin`]: the admin server; [`metrics`].
+//! - [`demo`]: the self-contained demo behind `tern-proxy demo`.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod snapshot;
+pub mod store;
+pub mod tcp;

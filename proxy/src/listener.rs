@@ -1,0 +1,139 @@
+//! Binding listeners and running their accept loops; each connection becomes a tracked task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{Listener, ListenerKind};
+use crate::http::forward::ConnContext;
+use crate::http::server;
+use crate::store::Store;
+
+const BACKLOG: i32 = 1024;
+
+/// A running listener: where it is bound and how to stop its accept loop.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    /// The address from the config (port 0 means "any free port").
+    pub configured: SocketAddr,
+    /// The address actually bound.
+    pub bound: SocketAddr,
+    pub protocol: &'static str,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ListenerHandle {
+    /// Stops accepting; connections already accepted keep running.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Binds a listening socket without starting to accept.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Starts the accept loop of a bound listener.
+pub fn start(
+    config: &Listener,
+    listener: TcpListener,
+    store: Store,
+    tracker: TaskTracker,
+    drain: CancellationToken,
+) -> std::io::Result<ListenerHandle> {
+    let bound = listener.local_addr()?;
+    let stop = drain.child_token();
+    let name = Arc::clone(&config.name);
+    let span = tracing::info_span!("listener", name = %name, address = %bound);
+    let kind = match &config.kind {
+        ListenerKind::Http { .. } => Kind::Http(Arc::new(server::builder(config.header_timeout))),
+        ListenerKind::Tcp { .. } => Kind::Tcp,
+    };
+    let task = tokio::spawn(
+        accept_loop(listener, name, kind, store, tracker, drain, stop.clone()).instrument(span),
+    );
+    Ok(ListenerHandle {
+        configured: config.address,
+        bound,
+        protocol: config.kind.protocol(),
+        stop,
+        task,
+    })
+}
+
+enum Kind {
+    Http(Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>),
+    Tcp,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: Arc<str>,
+    kind: Kind,
+    store: Store,
+    tracker: TaskTracker,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) {
+    tracing::info!("accepting connections");
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off instead of spinning; the loop stays alive.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::debug_span!("conn", %client);
+        match &kind {
+            Kind::Http(builder) => {
+                let builder = Arc::clone(builder);
+                let ctx = Arc::new(ConnContext {
+                    store: Arc::clone(&store),
+                    listener: Arc::clone(&name),
+                    client,
+                });
+                let drain = drain.clone();
+                tracker.spawn(
+                    async move { server::serve(&builder, stream, ctx, drain).await }
+                        .instrument(span),
+                );
+            }
+            Kind::Tcp => {
+                let store = Arc::clone(&store);
+                let name = Arc::clone(&name);
+                tracker.spawn(
+                    async move { crate::tcp::serve(&store, &name, stream, client).await }
+                        .instrument(span),
+                );
+            }
+        }
+    }
+    tracing::info!("stopped accepting connections");
+}

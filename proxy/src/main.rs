@@ -1,0 +1,158 @@
+//! `tern-proxy`: flags, exit codes and signals. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tern_proxy::app::{self, App};
+use tern_proxy::config::parse_duration;
+
+/// Exit status for an invalid configuration (nothing was bound).
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tern-proxy",
+    version,
+    about = "Tern's sidecar and gateway proxy"
+)]
+struct Args {
+    /// YAML config file; watched for changes and reloaded on SIGHUP.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Admin server address (overrides `admin.address` in the file).
+    #[arg(long)]
+    admin_address: Option<SocketAddr>,
+    /// How often the config file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    watch_interval: Duration,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs sample upstreams, a proxy in front of them and a load client, and prints how
+    /// each balancing algorithm spread the requests. Needs no files.
+    Demo(tern_proxy::demo::DemoArgs),
+    /// Validates a config file and exits (0 valid, 2 invalid).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(
+        args.log_json,
+        matches!(args.command, Some(Command::Demo(_))),
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match args.command {
+        Some(Command::Demo(demo)) => runtime
+            .block_on(tern_proxy::demo::run(demo))
+            .map(|()| ExitCode::SUCCESS),
+        Some(Command::Check { config }) => Ok(check(&config)),
+        None => match args.config.clone() {
+            Some(path) => runtime.block_on(run(args, path)),
+            None => {
+                eprintln!("tern-proxy: --config FILE is required (or try `tern-proxy demo`)");
+                Ok(ExitCode::from(EXIT_BAD_CONFIG))
+            }
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tern-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match app::load(path) {
+        Ok(_) => {
+            println!("{}: valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
+    // Validate everything before binding anything.
+    let (config, text, source) = match app::load(&path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("tern-proxy: invalid config {}: {e}", path.display());
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+    };
+    let admin = args.admin_address.or(config.admin);
+    let drain_timeout = config.drain_timeout;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+
+    let app = App::new();
+    let version = app
+        .apply(config, source)
+        .await
+        .context("starting listeners")?;
+    if let Some(addr) = admin {
+        let bound = app
+            .serve_admin(addr)
+            .await
+            .with_context(|| format!("binding admin server on {addr}"))?;
+        tracing::info!(address = %bound, "admin server listening");
+    }
+    app.spawn_reloader(path, &text, args.watch_interval)
+        .context("starting the config watcher")?;
+    app.set_ready(true);
+    tracing::info!(version, listeners = ?app.bound_addresses(), "tern-proxy ready");
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+    let clean = app.drain(drain_timeout).await;
+    tracing::info!(clean, "drained; exiting");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(json: bool, quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

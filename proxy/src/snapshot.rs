@@ -1,0 +1,284 @@
+//! The runtime view of one configuration: listeners with their routes, services with their
+//! balancers and endpoints, metric handles resolved. Built from a [`Config`] plus the previous
+//! snapshot, so that endpoints that stay keep their load, EWMA and connection pools.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::balance::{Balancer, Candidate, Load};
+use crate::config::{Config, Listener, ListenerKind, Route, Service, UpstreamProtocol};
+use crate::http::client::{UpstreamClient, upstream_client};
+use crate::metrics::{EndpointMetrics, ListenerMetrics, Metrics, ServiceMetrics};
+
+/// Everything the data path reads, swapped as one unit on every config change.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases by one with every applied configuration.
+    pub version: u64,
+    /// Where the config came from and a hash of it, shown in `/config_dump`.
+    pub source: String,
+    pub config: Arc<Config>,
+    pub listeners: HashMap<Arc<str>, Arc<ListenerRt>>,
+    pub services: HashMap<Arc<str>, Arc<ServiceRt>>,
+}
+
+#[derive(Debug)]
+pub struct ListenerRt {
+    pub config: Listener,
+    pub kind: ListenerRtKind,
+    pub metrics: ListenerMetrics,
+}
+
+#[derive(Debug)]
+pub enum ListenerRtKind {
+    Http { routes: Vec<RouteRt> },
+    Tcp { service: Arc<ServiceRt> },
+}
+
+#[derive(Debug)]
+pub struct RouteRt {
+    pub config: Route,
+    pub backends: Backends,
+}
+
+/// A weighted split over services; cumulative weights make a pick one random draw.
+#[derive(Debug)]
+pub struct Backends {
+    services: Vec<Arc<ServiceRt>>,
+    cumulative: Vec<u32>,
+}
+
+impl Backends {
+    pub fn pick(&self, rng: &mut fastrand::Rng) -> &Arc<ServiceRt> {
+        if self.services.len() == 1 {
+            return &self.services[0];
+        }
+        let total = self.cumulative.last().copied().unwrap_or(1).max(1);
+        let ticket = rng.u32(..total);
+        let index = self.cumulative.partition_point(|&c| c <= ticket);
+        &self.services[index.min(self.services.len() - 1)]
+    }
+}
+
+#[derive(Debug)]
+pub struct ServiceRt {
+    pub config: Service,
+    pub endpoints: Vec<Endpoint>,
+    pub balancer: Balancer,
+    pub metrics: ServiceMetrics,
+}
+
+impl ServiceRt {
+    /// Picks the endpoint for the next request or connection.
+    pub fn pick(&self, rng: &mut fastrand::Rng, now: Instant) -> Option<&Endpoint> {
+        self.balancer
+            .pick(&self.endpoints, rng, now)
+            .map(|i| &self.endpoints[i])
+    }
+}
+
+/// An endpoint as this snapshot weighs it, pointing at state shared across snapshots.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub weight: u32,
+    pub state: Arc<EndpointState>,
+}
+
+impl Candidate for Endpoint {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn load(&self) -> &Load {
+        &self.state.load
+    }
+}
+
+/// What survives a reload for an endpoint that stays: load, EWMA, pool, counters.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: SocketAddr,
+    /// `ip:port`, the endpoint's label.
+    pub label: String,
+    pub load: Arc<Load>,
+    pub metrics: EndpointMetrics,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    client: OnceLock<UpstreamClient>,
+}
+
+impl EndpointState {
+    /// The endpoint's pooled HTTP client, created on first use.
+    pub fn client(&self) -> &UpstreamClient {
+        self.client.get_or_init(|| {
+            upstream_client(
+                self.addr,
+                self.protocol,
+                self.connect_timeout,
+                self.idle_timeout,
+            )
+        })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+}
+
+impl Snapshot {
+    /// An empty snapshot: no listeners, no services.
+    pub fn empty() -> Self {
+        Snapshot {
+            version: 0,
+            source: "none".into(),
+            config: Arc::new(Config {
+                admin: None,
+                drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
+                listeners: Vec::new(),
+                services: Vec::new(),
+                raw: Default::default(),
+            }),
+            listeners: HashMap::new(),
+            services: HashMap::new(),
+        }
+    }
+
+    /// Builds the next snapshot, reusing endpoint state of `previous` where it still applies.
+    pub fn build(
+        config: Arc<Config>,
+        source: String,
+        previous: &Snapshot,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        let now = Instant::now();
+        let mut services = HashMap::with_capacity(config.services.len());
+        for service in &config.services {
+            let old = previous.services.get(&service.name);
+            let endpoints: Vec<Endpoint> = service
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let old_state =
+                        old.and_then(|o| o.endpoints.iter().find(|x| x.state.addr == e.address));
+                    let state = match old_state {
+                        Some(x) if x.state.settings_match(service) => Arc::clone(&x.state),
+                        // Settings changed: new pool, but the balancer's view of the endpoint stays.
+                        Some(x) => Arc::new(EndpointState::new(
+                            service,
+                            e.address,
+                            Arc::clone(&x.state.load),
+                            metrics,
+                        )),
+                        None => Arc::new(EndpointState::new(
+                            service,
+                            e.address,
+                            Arc::new(Load::new(now)),
+                            metrics,
+                        )),
+                    };
+                    Endpoint {
+                        weight: e.weight,
+                        state,
+                    }
+                })
+                .collect();
+            let balancer = Balancer::new(service.load_balancer, &endpoints);
+            let rt = ServiceRt {
+                config: service.clone(),
+                endpoints,
+                balancer,
+                metrics: metrics.service(&service.name),
+            };
+            services.insert(Arc::clone(&service.name), Arc::new(rt));
+        }
+        // Series of endpoints that are gone would otherwise be exported forever.
+        for (name, old) in &previous.services {
+            for e in &old.endpoints {
+                let kept = services
+                    .get(name)
+                    .is_some_and(|s| s.endpoints.iter().any(|n| n.state.addr == e.state.addr));
+                if !kept {
+                    metrics.forget_endpoint(name, &e.state.label);
+                }
+            }
+        }
+
+        let listeners = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let kind = match &l.kind {
+                    ListenerKind::Http { routes } => ListenerRtKind::Http {
+                        routes: routes
+                            .iter()
+                            .filter_map(|r| route_rt(r, &services))
+                            .collect(),
+                    },
+                    ListenerKind::Tcp { service } => ListenerRtKind::Tcp {
+                        service: Arc::clone(services.get(service)?),
+                    },
+                };
+                let rt = ListenerRt {
+                    config: l.clone(),
+                    kind,
+                    metrics: metrics.listener(&l.name),
+                };
+                Some((Arc::clone(&l.name), Arc::new(rt)))
+            })
+            .collect();
+
+        Snapshot {
+            version: previous.version + 1,
+            source,
+            config,
+            listeners,
+            services,
+        }
+    }
+}
+
+fn route_rt(route: &Route, services: &HashMap<Arc<str>, Arc<ServiceRt>>) -> Option<RouteRt> {
+    let mut resolved = Vec::with_capacity(route.backends.len());
+    let mut cumulative = Vec::with_capacity(route.backends.len());
+    let mut total = 0u32;
+    for b in &route.backends {
+        // Validation guarantees the name resolves; a miss would be a bug, so skip the backend.
+        let service = services.get(&b.service)?;
+        total = total.saturating_add(b.weight);
+        resolved.push(Arc::clone(service));
+        cumulative.push(total);
+    }
+    Some(RouteRt {
+        config: route.clone(),
+        backends: Backends {
+            services: resolved,
+            cumulative,
+        },
+    })
+}
+
+impl EndpointState {
+    fn new(service: &Service, addr: SocketAddr, load: Arc<Load>, metrics: &Metrics) -> Self {
+        let label = addr.to_string();
+        EndpointState {
+            addr,
+            metrics: metrics.endpoint(&service.name, &label),
+            label,
+            load,
+            protocol: service.protocol,
+            connect_timeout: service.connect_timeout,
+            idle_timeout: service.idle_timeout,
+            client: OnceLock::new(),
+        }
+    }
+
+    fn settings_match(&self, service: &Service) -> bool {
+        self.protocol == service.protocol
+            && self.connect_timeout == service.connect_timeout
+            && self.idle_timeout == service.idle_timeout
+    }
+}

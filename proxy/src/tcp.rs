@@ -1,0 +1,94 @@
+//! Opaque TCP forwarding: balanced per connection, bytes copied both ways with half-close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::http::client::connect_tcp;
+use crate::snapshot::ListenerRtKind;
+use crate::store::Store;
+
+/// Endpoints tried for one connection before giving up: a refused connect is safe to retry
+/// elsewhere because no byte has been forwarded yet.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Forwards one accepted connection to an endpoint of the listener's service.
+pub async fn serve(
+    store: &Store,
+    listener: &Arc<str>,
+    mut downstream: TcpStream,
+    client: SocketAddr,
+) {
+    let (listener_rt, service) = {
+        let snapshot = store.load();
+        let Some(l) = snapshot.listeners.get(listener).cloned() else {
+            return;
+        };
+        let ListenerRtKind::Tcp { service } = &l.kind else {
+            return;
+        };
+        let service = Arc::clone(service);
+        (l, service)
+    };
+    let metrics = &listener_rt.metrics;
+    metrics.tcp_connections.inc();
+    metrics.tcp_active.inc();
+    let _active = scopeguard(|| {
+        metrics.tcp_active.dec();
+    });
+
+    let mut rng = fastrand::Rng::new();
+    let mut upstream = None;
+    for _ in 0..CONNECT_ATTEMPTS {
+        let Some(endpoint) = service.pick(&mut rng, Instant::now()) else {
+            service.metrics.no_endpoints.inc();
+            break;
+        };
+        let state = &endpoint.state;
+        match connect_tcp(state.addr, state.connect_timeout()).await {
+            Ok(stream) => {
+                state.load.record_success();
+                upstream = Some((stream, Arc::clone(state)));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(service = %service.config.name, error = %e, "tcp upstream connect failed");
+                state.load.record_failure(Instant::now());
+                state.metrics.connect_failures.inc();
+            }
+        }
+    }
+    let Some((mut upstream, state)) = upstream else {
+        tracing::info!(%client, service = %service.config.name, "no tcp upstream reachable; closing");
+        let _ = downstream.shutdown().await;
+        return;
+    };
+    let _ = downstream.set_nodelay(true);
+    let _in_flight = state.load.start();
+    // `copy_bidirectional` shuts down each write side when the other side's reads end, which
+    // carries a half-close through, and returns when both directions are done.
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((up, down)) => {
+            metrics.tcp_bytes_upstream.inc_by(up);
+            metrics.tcp_bytes_downstream.inc_by(down);
+        }
+        Err(e) => {
+            state.metrics.resets.inc();
+            tracing::debug!(%client, error = %e, "tcp connection ended with an error");
+        }
+    }
+}
+
+/// Runs `f` when dropped (even if the future is cancelled mid-copy).
+fn scopeguard<F: FnMut()>(f: F) -> impl Drop {
+    struct Guard<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    Guard(f)
+}
