@@ -198,3 +198,18 @@ impl Collector for EndpointCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_include_families_and_collectors() {
+        let app = crate::app::App::new();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, app.registry()).unwrap();
+        assert!(
+            out.contains("tern_config_reloads_total{result=\"failed\"} 0"),
+            "{out}"
+        );
+        assert!(out.contains("tern_upstream_in_flight"), "{out}");
+    }
+}

@@ -249,6 +249,10 @@ impl Metrics {
             "Configuration reloads, by result",
             m.reloads.clone(),
         );
+        // Zero series exist from the start, so `rate()` and alerts see the first failure.
+        for result in [ReloadResult::Ok, ReloadResult::Failed] {
+            let _ = m.reloads.get_or_create(&ReloadLabels { result });
+        }
         Arc::new(m)
     }
 

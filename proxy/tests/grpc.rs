@@ -83,7 +83,7 @@ where
     F: Fn(u32) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = EchoReply> + Send + 'static,
 {
-    Box::pin(tokio_stream::iter(0..count).then(move |i| make(i)).map(Ok))
+    Box::pin(tokio_stream::iter(0..count).then(make).map(Ok))
 }
 
 async fn grpc_server(name: &str) -> std::net::SocketAddr {

@@ -48,8 +48,14 @@ async fn round_robin_follows_weights_smoothly() {
         .collect();
     let c = counts(picks.iter().copied());
     assert_eq!((c[&0], c[&1], c[&2]), (100, 100, 200));
-    // Smooth: the heavy endpoint never gets more than one pick in a row here.
-    assert!(picks.windows(2).all(|w| !(w[0] == 2 && w[1] == 2)));
+    // Smooth: never more than two picks of the heavy endpoint in a row (nginx's order,
+    // 2,0,1,2 repeated), never two of a light one.
+    assert!(
+        picks
+            .windows(3)
+            .all(|w| !(w[0] == 2 && w[1] == 2 && w[2] == 2))
+    );
+    assert!(picks.windows(2).all(|w| w[0] == 2 || w[0] != w[1]));
 }
 
 #[tokio::test(start_paused = true)]

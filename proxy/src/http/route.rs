@@ -92,7 +92,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| {
                     (
-                        HeaderName::from_static(k),
+                        HeaderName::from_bytes(k.as_bytes()).unwrap(),
                         HeaderValue::from_str(v).unwrap(),
                     )
                 })

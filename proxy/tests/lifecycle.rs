@@ -1,0 +1,269 @@
+//! The proxy as a process: bad config exits 2 before binding, admin endpoints, reload on file
+//! change and SIGHUP under load with no failed request, invalid reloads rejected, SIGTERM drain.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+
+fn config(listen: SocketAddr, endpoints: &[(SocketAddr, u32)], lb: &str) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|(a, w)| format!("      - {{ address: \"{a}\", weight: {w} }}\n"))
+        .collect();
+    format!(
+        r#"drain_timeout: 5s
+listeners:
+  - name: web
+    address: "{listen}"
+    protocol: http
+    routes:
+      - backends: [ {{ service: api }} ]
+services:
+  - name: api
+    protocol: http1
+    load_balancer: {lb}
+    endpoints:
+{eps}"#
+    )
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[tokio::test]
+async fn bad_config_exits_2_naming_the_field_before_binding() {
+    let dir = TempDir::new("badcfg");
+    let port = free_port();
+    let path = dir.0.join("bad.yaml");
+    let yaml = config(local(port), &[(local(1), 1)], "round_robin")
+        .replace("load_balancer:", "load_balancr:");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("services[0]") && stderr.contains("load_balancr"),
+        "{stderr}"
+    );
+    // Nothing was bound: the port is still free.
+    std::net::TcpListener::bind(local(port)).expect("port must still be free");
+
+    let unknown = config(local(port), &[(local(1), 1)], "round_robin")
+        .replace("service: api }", "service: nope }");
+    std::fs::write(&path, unknown).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("listeners[0].routes[0].backends[0].service: unknown service \"nope\"")
+    );
+}
+
+#[tokio::test]
+async fn admin_serves_ready_metrics_config_dump_and_endpoints() {
+    let dir = TempDir::new("admin");
+    let up = Upstream::start("a").await;
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let path = dir.0.join("c.yaml");
+    std::fs::write(&path, config(listen, &[(up.addr, 3)], "peak_ewma")).unwrap();
+    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    proxy.wait_ready().await;
+    let client = http1_client();
+    for _ in 0..5 {
+        assert_eq!(
+            get(&client, listen, "x", "/", &[]).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(proxy.admin_get("/live").await.status, StatusCode::OK);
+    let metrics = proxy.admin_get("/metrics").await.body;
+    for needle in [
+        "tern_requests_total{listener=\"web\",status_class=\"2xx\"} 5",
+        &format!(
+            "tern_upstream_requests_total{{service=\"api\",endpoint=\"{}\",status_class=\"2xx\"}} 5",
+            up.addr
+        ),
+        "tern_request_duration_seconds_bucket{le=",
+        "tern_upstream_in_flight{service=\"api\"",
+        "tern_config_reloads_total",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    let dump: serde_json::Value =
+        serde_json::from_str(&proxy.admin_get("/config_dump").await.body).unwrap();
+    assert_eq!(dump["config"]["services"][0]["load_balancer"], "peak_ewma");
+    assert_eq!(dump["version"], 1);
+    let eps: serde_json::Value =
+        serde_json::from_str(&proxy.admin_get("/endpoints").await.body).unwrap();
+    let ep = &eps["services"][0]["endpoints"][0];
+    assert_eq!(ep["weight"], 3);
+    assert_eq!(ep["in_flight"], 0);
+    assert!(ep["ewma_ms"].as_f64().unwrap() > 0.0);
+}
+
+/// Clients keep sending while the file changes (re-weighting, adding and removing
+/// endpoints, then SIGHUP): not one request may fail.
+#[tokio::test]
+async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
+    let dir = TempDir::new("reload");
+    let (a, b, c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let path = dir.0.join("c.yaml");
+    std::fs::write(
+        &path,
+        config(listen, &[(a.addr, 1), (b.addr, 1)], "round_robin"),
+    )
+    .unwrap();
+    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    proxy.wait_ready().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let client = http1_client();
+            // Bounded in count and time.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = tokio::time::timeout(Duration::from_secs(5), async {
+                    get(&client, listen, "x", "/", &[("x-delay-ms", "2")]).await
+                })
+                .await;
+                match r {
+                    Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let steps: [&[(SocketAddr, u32)]; 4] = [
+        &[(a.addr, 5), (b.addr, 1)],
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 2)],
+        &[(c.addr, 1)],
+        &[(b.addr, 1), (c.addr, 1)],
+    ];
+    for (i, eps) in steps.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(&path, config(listen, eps, "least_request")).unwrap();
+        wait_for_version(&proxy, i as u64 + 2).await;
+    }
+    let c_before = c.hits();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(c.hits() > c_before, "the last config routes to c");
+
+    // An invalid edit is rejected; the running config keeps serving.
+    std::fs::write(&path, "listeners: [ { name: web, address: nope } ]").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dump: serde_json::Value =
+        serde_json::from_str(&proxy.admin_get("/config_dump").await.body).unwrap();
+    assert_eq!(dump["version"], 5, "the invalid file was not applied");
+    assert!(
+        proxy
+            .admin_get("/metrics")
+            .await
+            .body
+            .contains("tern_config_reloads_total{result=\"failed\"} 1")
+    );
+    assert!(proxy.log().contains("config rejected"), "{}", proxy.log());
+
+    // SIGHUP re-reads the (fixed) file.
+    std::fs::write(&path, config(listen, &[(a.addr, 1)], "round_robin")).unwrap();
+    proxy.signal("HUP");
+    wait_for_version(&proxy, 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 200, "only {ok} requests completed");
+    assert_eq!(failed, 0, "{failed} requests failed out of {}", ok + failed);
+}
+
+async fn wait_for_version(proxy: &ProxyProcess, version: u64) {
+    for _ in 0..100 {
+        let dump: serde_json::Value =
+            serde_json::from_str(&proxy.admin_get("/config_dump").await.body).unwrap();
+        if dump["version"].as_u64() >= Some(version) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("config version {version} never applied: {}", proxy.log());
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let dir = TempDir::new("drain");
+    let up = Upstream::start("a").await;
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let path = dir.0.join("c.yaml");
+    std::fs::write(&path, config(listen, &[(up.addr, 1)], "round_robin")).unwrap();
+    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    proxy.wait_ready().await;
+
+    // A request that takes 1 s is in flight when SIGTERM arrives.
+    let slow = tokio::spawn(async move {
+        get(
+            &http1_client(),
+            listen,
+            "x",
+            "/slow",
+            &[("x-delay-ms", "1000")],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Draining: not ready, and no new connections accepted.
+    let ready = tokio::time::timeout(Duration::from_secs(2), proxy.admin_get("/ready")).await;
+    if let Ok(r) = ready {
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "listener must be closed while draining"
+    );
+
+    let reply = slow.await.unwrap();
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the in-flight request completes"
+    );
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(5)).await,
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+}
