@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::app::App;
+use crate::balance::Load;
 use crate::store::Store;
 
 pub async fn serve(listener: TcpListener, app: App) {
@@ -163,36 +164,30 @@ impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = Arc::clone(&self.store.load());
         let now = Instant::now();
-        let mut in_flight = encoder.encode_descriptor(
-            "tern_upstream_in_flight",
-            "Requests or connections in flight to an endpoint",
-            None,
-            MetricType::Gauge,
-        )?;
-        for s in snapshot.services.values() {
-            for e in &s.endpoints {
-                let labels = [
-                    ("service", &*s.config.name),
-                    ("endpoint", e.state.label.as_str()),
-                ];
-                ConstGauge::new(i64::from(e.state.load.in_flight()))
-                    .encode(in_flight.encode_family(&labels)?)?;
-            }
-        }
-        let mut ewma = encoder.encode_descriptor(
-            "tern_upstream_ewma_seconds",
-            "Peak-EWMA latency estimate of an endpoint",
-            None,
-            MetricType::Gauge,
-        )?;
-        for s in snapshot.services.values() {
-            for e in &s.endpoints {
-                let labels = [
-                    ("service", &*s.config.name),
-                    ("endpoint", e.state.label.as_str()),
-                ];
-                ConstGauge::new(e.state.load.ewma(now).as_secs_f64())
-                    .encode(ewma.encode_family(&labels)?)?;
+        let in_flight = |load: &Load| f64::from(load.in_flight());
+        let ewma = |load: &Load| load.ewma(now).as_secs_f64();
+        let gauges: [(&str, &str, &dyn Fn(&Load) -> f64); 2] = [
+            (
+                "tern_upstream_in_flight",
+                "Requests or connections in flight to an endpoint",
+                &in_flight,
+            ),
+            (
+                "tern_upstream_ewma_seconds",
+                "Peak-EWMA latency estimate of an endpoint",
+                &ewma,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in snapshot.services.values() {
+                for e in &s.endpoints {
+                    let labels = [
+                        ("service", &*s.config.name),
+                        ("endpoint", e.state.label.as_str()),
+                    ];
+                    ConstGauge::new(value(&e.state.load)).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         Ok(())

@@ -282,3 +282,83 @@ impl EndpointState {
             && self.idle_timeout == service.idle_timeout
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::config::parse_yaml;
+
+    fn config(endpoints: &[(&str, u32)], lb: &str) -> Arc<Config> {
+        let eps: String = endpoints
+            .iter()
+            .map(|(a, w)| format!("      - {{ address: \"{a}\", weight: {w} }}\n"))
+            .collect();
+        let yaml = format!(
+            "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    load_balancer: {lb}\n    endpoints:\n{eps}"
+        );
+        Arc::new(parse_yaml(&yaml).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_that_stay_keep_their_state_across_changes() {
+        let metrics = Metrics::new(&mut Registry::default());
+        let first = Snapshot::build(
+            config(&[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)], "peak_ewma"),
+            "a".into(),
+            &Snapshot::empty(),
+            &metrics,
+        );
+        let kept = Arc::clone(&first.services["api"].endpoints[1].state);
+        let _in_flight = kept.load.start();
+        kept.load.observe(Duration::from_millis(7), Instant::now());
+
+        // Re-weight, add an endpoint, drop another, change the balancer.
+        let second = Snapshot::build(
+            config(&[("127.0.0.1:2", 5), ("127.0.0.1:3", 1)], "least_request"),
+            "b".into(),
+            &first,
+            &metrics,
+        );
+        let api = &second.services["api"];
+        assert_eq!(second.version, first.version + 1);
+        assert!(
+            Arc::ptr_eq(&api.endpoints[0].state, &kept),
+            "same endpoint state object"
+        );
+        assert_eq!(api.endpoints[0].weight, 5);
+        assert_eq!(api.endpoints[0].state.load.in_flight(), 1);
+        assert_eq!(
+            api.endpoints[0].state.load.ewma(Instant::now()),
+            Duration::from_millis(7)
+        );
+        assert_eq!(api.endpoints[1].state.load.in_flight(), 0);
+        assert_eq!(
+            api.balancer.kind(),
+            crate::config::LoadBalancerKind::LeastRequest
+        );
+    }
+
+    #[test]
+    fn weighted_backends_follow_weights() {
+        let yaml = "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes: [ { backends: [ { service: a, weight: 1 }, { service: b, weight: 9 } ] } ]\nservices:\n  - { name: a, protocol: http1 }\n  - { name: b, protocol: http1 }\n";
+        let metrics = Metrics::new(&mut Registry::default());
+        let snap = Snapshot::build(
+            Arc::new(parse_yaml(yaml).unwrap()),
+            "t".into(),
+            &Snapshot::empty(),
+            &metrics,
+        );
+        let ListenerRtKind::Http { routes } = &snap.listeners["web"].kind else {
+            panic!("http")
+        };
+        let mut rng = fastrand::Rng::with_seed(5);
+        let a = (0..10_000)
+            .filter(|_| &*routes[0].backends.pick(&mut rng).config.name == "a")
+            .count();
+        assert!((800..1200).contains(&a), "{a}");
+    }
+}
