@@ -160,13 +160,16 @@ impl EndpointCollector {
     }
 }
 
+/// Reads one gauge value from an endpoint's load.
+type LoadGauge<'a> = dyn Fn(&Load) -> f64 + 'a;
+
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = Arc::clone(&self.store.load());
         let now = Instant::now();
         let in_flight = |load: &Load| f64::from(load.in_flight());
         let ewma = |load: &Load| load.ewma(now).as_secs_f64();
-        let gauges: [(&str, &str, &dyn Fn(&Load) -> f64); 2] = [
+        let gauges: [(&str, &str, &LoadGauge); 2] = [
             (
                 "tern_upstream_in_flight",
                 "Requests or connections in flight to an endpoint",
