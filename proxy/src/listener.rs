@@ -114,11 +114,11 @@ async fn accept_loop(
         match &kind {
             Kind::Http(builder) => {
                 let builder = Arc::clone(builder);
-                let ctx = Arc::new(ConnContext {
-                    store: Arc::clone(&store),
-                    listener: Arc::clone(&name),
+                let ctx = Arc::new(ConnContext::new(
+                    Arc::clone(&store),
+                    Arc::clone(&name),
                     client,
-                });
+                ));
                 let drain = drain.clone();
                 tracker.spawn(
                     async move { server::serve(&builder, stream, ctx, drain).await }

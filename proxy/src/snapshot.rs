@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::balance::{Balancer, Candidate, Load};
 use crate::config::{Config, Listener, ListenerKind, Route, Service, UpstreamProtocol};
-use crate::http::client::{UpstreamClient, upstream_client};
+use crate::http::pool::Pool;
 use crate::metrics::{EndpointMetrics, ListenerMetrics, Metrics, ServiceMetrics};
 
 /// Everything the data path reads, swapped as one unit on every config change.
@@ -108,22 +108,11 @@ pub struct EndpointState {
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    client: OnceLock<UpstreamClient>,
+    /// HTTP connections to this endpoint (unused by TCP services).
+    pub pool: Arc<Pool>,
 }
 
 impl EndpointState {
-    /// The endpoint's pooled HTTP client, created on first use.
-    pub fn client(&self) -> &UpstreamClient {
-        self.client.get_or_init(|| {
-            upstream_client(
-                self.addr,
-                self.protocol,
-                self.connect_timeout,
-                self.idle_timeout,
-            )
-        })
-    }
-
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
@@ -272,7 +261,12 @@ impl EndpointState {
             protocol: service.protocol,
             connect_timeout: service.connect_timeout,
             idle_timeout: service.idle_timeout,
-            client: OnceLock::new(),
+            pool: Arc::new(Pool::new(
+                addr,
+                service.protocol,
+                service.connect_timeout,
+                service.idle_timeout,
+            )),
         }
     }
 

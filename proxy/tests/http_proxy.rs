@@ -209,11 +209,7 @@ async fn refused_endpoint_gets_503_naming_the_service_and_is_avoided() {
     drop(dead);
     let live = Upstream::start("live").await;
     let v2 = Upstream::start("v2").await;
-    let fake_dead = Upstream {
-        addr: dead_addr,
-        name: "dead".into(),
-        hits: Default::default(),
-    };
+    let fake_dead = Upstream::at(dead_addr, "dead");
     let proxy = Proxy::start(&config(&[&fake_dead, &live], &v2, "")).await;
     let client = http1_client();
     let mut statuses = Vec::new();
@@ -246,11 +242,7 @@ async fn upstream_reset_gets_502_not_a_hang() {
         }
     });
     let v2 = Upstream::start("v2").await;
-    let fake = Upstream {
-        addr: rude,
-        name: "rude".into(),
-        hits: Default::default(),
-    };
+    let fake = Upstream::at(rude, "rude");
     let proxy = Proxy::start(&config(&[&fake], &v2, "")).await;
     let r = get(&http1_client(), proxy.addr("web"), "api.local", "/", &[]).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
@@ -292,4 +284,60 @@ async fn malformed_requests_get_4xx_and_slow_headers_time_out() {
         "slow client held the connection for {waited:?}: {out:?}"
     );
     assert_eq!(a.hits(), 0, "nothing malformed reached the upstream");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (a, v2) = (Upstream::start("api").await, Upstream::start("v2").await);
+    let proxy = Proxy::start(&config(&[&a], &v2, "")).await;
+    let client = http1_client();
+    for _ in 0..50 {
+        assert_eq!(
+            get(&client, proxy.addr("web"), "api.local", "/", &[])
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(a.hits(), 50);
+    assert_eq!(
+        a.conns.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one keep-alive connection serves all"
+    );
+}
+
+/// An upstream that answers one request per connection and then closes it shortly after,
+/// without announcing `connection: close`: the pooled connection dies while idle.
+#[tokio::test]
+async fn pooled_connection_closed_by_upstream_causes_no_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            });
+        }
+    });
+    let v2 = Upstream::start("v2").await;
+    let proxy = Proxy::start(&config(&[&Upstream::at(addr, "closer")], &v2, "")).await;
+    let client = http1_client();
+    for _ in 0..5 {
+        let r = get(&client, proxy.addr("web"), "api.local", "/", &[]).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

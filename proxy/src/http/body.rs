@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
+use super::pool::Lease;
 use crate::balance::InFlight;
 
 /// What the proxy answers with: a forwarded upstream body or its own short body.
@@ -27,6 +28,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         done: Option<Done>,
+        // The HTTP/1.1 connection goes back to the pool only once its response was read whole.
+        lease: Option<Lease>,
     }
 }
 
@@ -43,15 +46,26 @@ impl Drop for Done {
 }
 
 impl Tracked {
-    pub fn new(inner: Incoming, in_flight: InFlight, duration: Histogram, start: Instant) -> Self {
-        Tracked {
-            inner,
-            done: Some(Done {
-                _in_flight: in_flight,
-                duration,
-                start,
-            }),
+    pub fn new(
+        inner: Incoming,
+        lease: Option<Lease>,
+        in_flight: InFlight,
+        duration: Histogram,
+        start: Instant,
+    ) -> Self {
+        let done = Some(Done {
+            _in_flight: in_flight,
+            duration,
+            start,
+        });
+        let mut tracked = Tracked { inner, done, lease };
+        // An empty body (HEAD, 204, `content-length: 0`) may never be polled.
+        if tracked.inner.is_end_stream()
+            && let Some(lease) = tracked.lease.take()
+        {
+            lease.release();
         }
+        tracked
     }
 }
 
@@ -63,10 +77,27 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.done.take();
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
+                }
+                this.done.take();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // A broken body means a broken connection: never reuse it.
+                this.lease.take();
+                this.done.take();
+            }
+            // hyper stops polling once `is_end_stream()` turns true after the last frame.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -23,6 +23,21 @@ pub struct ConnContext {
     pub store: Store,
     pub listener: Arc<str>,
     pub client: SocketAddr,
+    /// The client's IP, formatted once per connection for `x-forwarded-for`.
+    pub client_ip: HeaderValue,
+}
+
+impl ConnContext {
+    pub fn new(store: Store, listener: Arc<str>, client: SocketAddr) -> Self {
+        let client_ip = HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnContext {
+            store,
+            listener,
+            client,
+            client_ip,
+        }
+    }
 }
 
 /// Serves one request. Never fails: every problem becomes a response with a short reason.
@@ -81,7 +96,7 @@ pub async fn handle(
         return Ok(error(StatusCode::SERVICE_UNAVAILABLE, msg));
     };
 
-    let request = match upstream_request(parts, body, &service, &endpoint, ctx.client) {
+    let request = match upstream_request(parts, body, &service, &endpoint, &ctx.client_ip) {
         Ok(r) => r,
         Err(reason) => {
             listener.metrics.count_status(StatusCode::BAD_REQUEST);
@@ -92,19 +107,16 @@ pub async fn handle(
     let state = &endpoint.state;
     let in_flight = state.load.start();
     let sent = Instant::now();
-    let response = match state.client().request(request).await {
+    let (response, lease) = match state.pool.send(request).await {
         Ok(r) => r,
         Err(e) => {
             let (status, msg) = if e.is_connect() {
                 state.load.record_failure(Instant::now());
                 state.metrics.connect_failures.inc();
-                let cause = std::error::Error::source(&e)
-                    .map(|c| c.to_string())
-                    .unwrap_or_default();
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
-                        "upstream service {} unavailable: {cause}\n",
+                        "upstream service {} unavailable: {e}\n",
                         service.config.name
                     ),
                 )
@@ -129,55 +141,73 @@ pub async fn handle(
 
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = Tracked::new(body, in_flight, listener.metrics.duration.clone(), start);
+    let body = Tracked::new(
+        body,
+        lease,
+        in_flight,
+        listener.metrics.duration.clone(),
+        start,
+    );
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
-/// Rewrites a downstream request for the chosen endpoint's protocol.
+/// Rewrites a downstream request for the chosen endpoint's protocol: HTTP/1.1 upstreams get
+/// origin-form targets and `Host`; HTTP/2 upstreams get absolute URIs (`:authority`).
 fn upstream_request(
     mut parts: http::request::Parts,
     body: Incoming,
     service: &ServiceRt,
     endpoint: &Endpoint,
-    client: SocketAddr,
+    client_ip: &HeaderValue,
 ) -> Result<Request<Incoming>, String> {
-    // The authority the client addressed: the URI's (HTTP/2) or `Host` (HTTP/1.1).
-    let authority = match parts.uri.authority() {
-        Some(a) => a.clone(),
-        None => match parts.headers.get(header::HOST) {
-            Some(h) => Authority::try_from(h.as_bytes())
-                .map_err(|_| "invalid Host header\n".to_string())?,
-            None => Authority::try_from(endpoint.state.label.as_str())
-                .map_err(|_| "invalid endpoint\n".to_string())?,
-        },
-    };
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarding(&mut parts.headers, client.ip());
-
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = Some(path);
-    parts.uri = Uri::from_parts(uri).map_err(|e| format!("invalid request target: {e}\n"))?;
-
+    add_forwarding(&mut parts.headers, client_ip);
     match service.config.protocol {
         UpstreamProtocol::Http2 => {
+            let authority = match parts.uri.authority() {
+                Some(a) => a.clone(),
+                None => match parts.headers.get(header::HOST) {
+                    Some(h) => Authority::try_from(h.as_bytes())
+                        .map_err(|_| "invalid Host header\n".to_string())?,
+                    None => Authority::try_from(endpoint.state.label.as_str())
+                        .map_err(|_| "invalid endpoint address\n".to_string())?,
+                },
+            };
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+            parts.uri =
+                Uri::from_parts(uri).map_err(|e| format!("invalid request target: {e}\n"))?;
             parts.version = Version::HTTP_2;
-            // `:authority` carries the host on HTTP/2.
             parts.headers.remove(header::HOST);
         }
         _ => {
-            parts.version = Version::HTTP_11;
-            if !parts.headers.contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            if let Some(authority) = parts.uri.authority() {
+                // From HTTP/2 (or absolute-form): the authority becomes `Host`.
+                if !parts.headers.contains_key(header::HOST)
+                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
+                {
+                    parts.headers.insert(header::HOST, host);
+                }
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                parts.uri = Uri::from(path);
+            } else if !parts.headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&endpoint.state.label)
             {
                 parts.headers.insert(header::HOST, host);
             }
+            parts.version = Version::HTTP_11;
         }
     }
     Ok(Request::from_parts(parts, body))

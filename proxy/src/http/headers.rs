@@ -1,8 +1,6 @@
 //! Header rules at the proxy hop: hop-by-hop headers removed (RFC 9110 §7.6.1) and
 //! forwarding headers added.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -41,17 +39,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Appends the client's address to `x-forwarded-for` and sets `x-forwarded-proto` if absent.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr) {
+pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    let client = client.to_string();
-    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client}"),
-        None => client,
+    let value = match headers.get(&XFF) {
+        None => client_ip.clone(),
+        Some(previous) => {
+            let mut joined = Vec::with_capacity(previous.len() + 2 + client_ip.len());
+            joined.extend_from_slice(previous.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client_ip.clone())
+        }
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(XFF, value);
-    }
+    headers.insert(XFF, value);
     if !headers.contains_key(&XFP) {
         headers.insert(XFP, HeaderValue::from_static("http"));
     }
@@ -90,8 +91,8 @@ mod tests {
     #[test]
     fn appends_to_forwarded_for() {
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "10.0.0.1".parse().unwrap());
-        add_forwarding(&mut h, "127.0.0.1".parse().unwrap());
+        add_forwarding(&mut h, &HeaderValue::from_static("10.0.0.1"));
+        add_forwarding(&mut h, &HeaderValue::from_static("127.0.0.1"));
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
     }

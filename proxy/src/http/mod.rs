@@ -4,5 +4,6 @@ pub mod body;
 pub mod client;
 pub mod forward;
 pub mod headers;
+pub mod pool;
 pub mod route;
 pub mod server;

@@ -31,6 +31,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -43,9 +45,11 @@ impl Upstream {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let (n, h) = (name.to_string(), hits.clone());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (n, h, c) = (name.to_string(), hits.clone(), conns.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
                 let (n, h) = (n.clone(), h.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| upstream_answer(n.clone(), h.clone(), req));
@@ -66,6 +70,17 @@ impl Upstream {
             addr,
             name: name.to_string(),
             hits,
+            conns,
+        }
+    }
+
+    /// An `Upstream` value for an address that nothing serves (or a server made elsewhere).
+    pub fn at(addr: SocketAddr, name: &str) -> Upstream {
+        Upstream {
+            addr,
+            name: name.to_string(),
+            hits: Default::default(),
+            conns: Default::default(),
         }
     }
 

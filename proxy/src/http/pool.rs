@@ -1,0 +1,275 @@
+//! Per-endpoint upstream connections: a LIFO stack of idle HTTP/1.1 connections (keep-alive
+//! reuse) or one shared HTTP/2 connection (multiplexed), dialled to the endpoint's address.
+//!
+//! Owning the pool (rather than a generic client) keeps the request path short and lets the
+//! proxy know exactly when a request was never sent, which is what makes a retry safe.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::client::{ConnectError, connect_tcp};
+use crate::config::UpstreamProtocol;
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back.
+const MAX_IDLE_PER_ENDPOINT: usize = 128;
+/// HTTP/2 keep-alive pings detect a dead upstream connection without a request timing out.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: the request was certainly not sent.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    /// The connection failed after the request may have been (partly) sent.
+    #[error("request to {addr} failed: {source}")]
+    Request {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// True when the upstream never saw the request.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+/// The connections of one endpoint.
+#[derive(Debug)]
+pub struct Pool {
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// Held while dialling the HTTP/2 connection, so concurrent requests share one dial.
+    h2_dial: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection lent to one request; given back by [`Lease::release`] once the
+/// response body has been read to its end, closed otherwise.
+#[derive(Debug)]
+pub struct Lease {
+    pool: Arc<Pool>,
+    sender: http1::SendRequest<Incoming>,
+}
+
+impl Lease {
+    pub fn release(self) {
+        self.pool.put_back(self.sender);
+    }
+}
+
+impl Pool {
+    pub fn new(
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Pool {
+            addr,
+            protocol,
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_dial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Sends a request; for HTTP/1.1 the response comes with the connection's lease.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        match self.protocol {
+            UpstreamProtocol::Http2 => {
+                let mut sender = self.h2_sender().await?;
+                let response =
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|source| UpstreamError::Request {
+                            addr: self.addr,
+                            source,
+                        })?;
+                Ok((response, None))
+            }
+            _ => self.send_h1(req).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        // A pooled connection may have been closed by the upstream while idle. If hyper hands
+        // the request back unsent, it goes out on a fresh connection; at most one such retry.
+        for _ in 0..2 {
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect_h1().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    return Ok((
+                        response,
+                        Some(Lease {
+                            pool: Arc::clone(self),
+                            sender,
+                        }),
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => {
+                        return Err(UpstreamError::Request {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        let mut sender = self.connect_h1().await?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Request {
+                addr: self.addr,
+                source,
+            })?;
+        Ok((
+            response,
+            Some(Lease {
+                pool: Arc::clone(self),
+                sender,
+            }),
+        ))
+    }
+
+    /// The most recently used idle connection that is still open and fresh.
+    async fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        loop {
+            let idle = self.idle.lock().ok()?.pop()?;
+            // Tern closes connections idle past its timeout, before the upstream's own
+            // keep-alive timeout can close them under a request.
+            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            let mut sender = idle.sender;
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn put_back(&self, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        // The oldest entries sit at the bottom: drop the stale ones as the stack is touched.
+        let fresh_from = idle
+            .iter()
+            .position(|i| now.duration_since(i.since) < self.idle_timeout)
+            .unwrap_or(idle.len());
+        idle.drain(..fresh_from);
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(Idle { sender, since: now });
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        let span = tracing::debug_span!("upstream_h1", addr = %self.addr);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+        Ok(sender)
+    }
+
+    /// The shared HTTP/2 connection, dialled once when missing or closed (concurrent
+    /// requests wait for the same dial instead of opening one each).
+    async fn h2_sender(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        if let Some(sender) = self.open_h2() {
+            return Ok(sender);
+        }
+        let _dialling = self.h2_dial.lock().await;
+        if let Some(sender) = self.open_h2() {
+            return Ok(sender);
+        }
+        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+            .adaptive_window(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        let span = tracing::debug_span!("upstream_h2", addr = %self.addr);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+        if let Ok(mut slot) = self.h2.lock() {
+            *slot = Some(sender.clone());
+        }
+        Ok(sender)
+    }
+
+    fn open_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+        let slot = self.h2.lock().ok()?;
+        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
