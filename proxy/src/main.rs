@@ -29,6 +29,11 @@ struct Args {
     /// How often the config file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = duration)]
     watch_interval: Duration,
+    /// Worker threads. Default: the CPUs this process may use (affinity and cgroup quota).
+    /// With one, a single-threaded runtime runs everything on one core without the
+    /// work-stealing scheduler's overhead.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -58,10 +63,25 @@ fn main() -> ExitCode {
         args.log_json,
         matches!(args.command, Some(Command::Demo(_))),
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = args
+        .worker_threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    let built = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tern-proxy: cannot start the runtime: {e}");

@@ -18,8 +18,10 @@ use tracing::Instrument;
 use super::client::{ConnectError, connect_tcp};
 use crate::config::UpstreamProtocol;
 
-/// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back.
-const MAX_IDLE_PER_ENDPOINT: usize = 128;
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back. High
+/// enough that a burst of responses returning together does not churn connections (the idle
+/// timeout is what trims the stack).
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// HTTP/2 keep-alive pings detect a dead upstream connection without a request timing out.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
