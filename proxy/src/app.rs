@@ -284,6 +284,33 @@ impl App {
         Ok(())
     }
 
+    /// Every second, closes pooled upstream connections idle past their service's timeout.
+    pub fn spawn_pool_sweeper(&self) {
+        let app = self.clone();
+        let task = async move {
+            let drain = app.drain_signal();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = drain.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let snapshot = app.store().load_full();
+                let closed: usize = snapshot
+                    .services
+                    .values()
+                    .flat_map(|s| s.endpoints.iter())
+                    .map(|e| e.state.pool.sweep())
+                    .sum();
+                if closed > 0 {
+                    tracing::debug!(closed, "closed idle upstream connections");
+                }
+            }
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("pool_sweeper")));
+    }
+
     async fn reload_text(&self, path: &std::path::Path, text: &str) {
         let config = match crate::config::parse_yaml(text) {
             Ok(c) => c,

@@ -341,3 +341,40 @@ async fn pooled_connection_closed_by_upstream_causes_no_error() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_by_tern_after_idle_timeout() {
+    let a = Upstream::start("api").await;
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    idle_timeout: 300ms\n    endpoints: [ {{ address: \"{}\" }} ]\n",
+        a.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let idle = || {
+        proxy.app.store().load().services["api"].endpoints[0]
+            .state
+            .pool
+            .idle_count()
+    };
+    assert_eq!(
+        get(&http1_client(), proxy.addr("web"), "x", "/", &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(idle(), 1, "the connection went back to the pool");
+    // The sweeper runs every second; 300 ms idle is past the timeout by then.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(idle(), 0, "Tern closed the idle connection");
+    assert_eq!(
+        get(&http1_client(), proxy.addr("web"), "x", "/", &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        a.conns.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "a fresh connection was dialled"
+    );
+}

@@ -193,6 +193,23 @@ impl Pool {
         }
     }
 
+    /// Closes idle connections past the idle timeout. Called periodically, so that Tern, not
+    /// the upstream, closes connections of an endpoint that has gone quiet.
+    pub fn sweep(&self) -> usize {
+        let Ok(mut idle) = self.idle.lock() else {
+            return 0;
+        };
+        let now = Instant::now();
+        let before = idle.len();
+        idle.retain(|i| now.duration_since(i.since) < self.idle_timeout && !i.sender.is_closed());
+        before - idle.len()
+    }
+
+    /// Idle HTTP/1.1 connections held now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
     fn put_back(&self, sender: http1::SendRequest<Incoming>) {
         if sender.is_closed() {
             return;
