@@ -4,6 +4,7 @@
 //! Owning the pool (rather than a generic client) keeps the request path short and lets the
 //! proxy know exactly when a request was never sent, which is what makes a retry safe.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -238,15 +239,7 @@ impl Pool {
                 addr: self.addr,
                 source,
             })?;
-        let span = tracing::debug_span!("upstream_h1", addr = %self.addr);
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
+        spawn_connection(conn, tracing::debug_span!("upstream_h1", addr = %self.addr));
         Ok(sender)
     }
 
@@ -272,15 +265,7 @@ impl Pool {
                 addr: self.addr,
                 source,
             })?;
-        let span = tracing::debug_span!("upstream_h2", addr = %self.addr);
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
+        spawn_connection(conn, tracing::debug_span!("upstream_h2", addr = %self.addr));
         if let Ok(mut slot) = self.h2.lock() {
             *slot = Some(sender.clone());
         }
@@ -291,4 +276,20 @@ impl Pool {
         let slot = self.h2.lock().ok()?;
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
+}
+
+/// Runs an upstream connection's IO in a task of its own until the connection closes (when
+/// the peer closes, or when its last request handle is dropped).
+fn spawn_connection<F>(conn: F, span: tracing::Span)
+where
+    F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(
+        async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        }
+        .instrument(span),
+    );
 }
