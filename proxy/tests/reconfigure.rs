@@ -49,6 +49,14 @@ async fn listeners_move_and_go_while_open_connections_continue() {
     let mut buf = [0u8; 6];
     tcp.read_exact(&mut buf).await.unwrap();
     let mut h2 = h2_connect(web1).await;
+    // One exchange first, so the connection is surely accepted (not left in the backlog).
+    let req = http::Request::get("http://x/")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        h2.send_request(req).await.unwrap().headers()["x-upstream"],
+        "a"
+    );
 
     // Move `web`, drop `raw`, switch the HTTP endpoint to b.
     app.apply(parse(&yaml(web2, None, b.addr, echo)), "v2".into())
