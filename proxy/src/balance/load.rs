@@ -87,12 +87,6 @@ pub struct InFlight {
     load: Arc<Load>,
 }
 
-impl InFlight {
-    pub fn load(&self) -> &Load {
-        &self.load
-    }
-}
-
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
