@@ -233,6 +233,8 @@ impl Pool {
     async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let stream = connect_tcp(self.addr, self.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
+            // Flat writes for requests too; see `server::builder`.
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake {

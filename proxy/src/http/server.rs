@@ -23,7 +23,10 @@ pub fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
+        .keep_alive(true)
+        // One flat buffer per response instead of a header/body iovec pair: measured +4-10%
+        // HTTP/1.1 throughput on loopback against writev (benches/README.md).
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
