@@ -46,6 +46,8 @@ struct Inner {
     listeners: tokio::sync::Mutex<HashMap<Arc<str>, ListenerHandle>>,
     bound: std::sync::Mutex<HashMap<String, SocketAddr>>,
     ready: AtomicBool,
+    /// Set once the idle-connection sweeper runs (started by the first `apply`).
+    sweeping: AtomicBool,
 }
 
 impl Default for App {
@@ -72,6 +74,7 @@ impl App {
                 listeners: tokio::sync::Mutex::new(HashMap::new()),
                 bound: std::sync::Mutex::new(HashMap::new()),
                 ready: AtomicBool::new(false),
+                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -115,6 +118,9 @@ impl App {
     /// Connections already open are never touched.
     pub async fn apply(&self, config: Config, source: String) -> Result<u64, ApplyError> {
         let inner = &self.inner;
+        if !inner.sweeping.swap(true, Ordering::AcqRel) {
+            self.spawn_pool_sweeper();
+        }
         let config = Arc::new(config);
         let mut running = inner.listeners.lock().await;
 
@@ -285,7 +291,7 @@ impl App {
     }
 
     /// Every second, closes pooled upstream connections idle past their service's timeout.
-    pub fn spawn_pool_sweeper(&self) {
+    fn spawn_pool_sweeper(&self) {
         let app = self.clone();
         let task = async move {
             let drain = app.drain_signal();

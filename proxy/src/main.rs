@@ -149,7 +149,6 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("binding admin server on {addr}"))?;
         tracing::info!(address = %bound, "admin server listening");
     }
-    app.spawn_pool_sweeper();
     app.spawn_reloader(path, &text, args.watch_interval)
         .context("starting the config watcher")?;
     app.set_ready(true);

@@ -60,10 +60,8 @@ impl Tracked {
         });
         let mut tracked = Tracked { inner, done, lease };
         // An empty body (HEAD, 204, `content-length: 0`) may never be polled.
-        if tracked.inner.is_end_stream()
-            && let Some(lease) = tracked.lease.take()
-        {
-            lease.release();
+        if tracked.inner.is_end_stream() {
+            give_back(&mut tracked.lease);
         }
         tracked
     }
@@ -81,9 +79,7 @@ impl Body for Tracked {
         let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
+                give_back(this.lease);
                 this.done.take();
             }
             Poll::Ready(Some(Err(_))) => {
@@ -92,11 +88,7 @@ impl Body for Tracked {
                 this.done.take();
             }
             // hyper stops polling once `is_end_stream()` turns true after the last frame.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
-            }
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => give_back(this.lease),
             _ => {}
         }
         polled
@@ -108,5 +100,12 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Returns the upstream connection to its pool (once): its response was read to the end.
+fn give_back(lease: &mut Option<Lease>) {
+    if let Some(lease) = lease.take() {
+        lease.release();
     }
 }

@@ -134,48 +134,33 @@ impl Pool {
         mut req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
         // A pooled connection may have been closed by the upstream while idle. If hyper hands
-        // the request back unsent, it goes out on a fresh connection; at most one such retry.
-        for _ in 0..2 {
+        // the request back unsent, it goes out on the next idle connection or a fresh one.
+        // Each retry consumes an idle connection and a fresh one never retries: this ends.
+        loop {
             let (mut sender, reused) = match self.checkout().await {
                 Some(sender) => (sender, true),
                 None => (self.connect_h1().await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    return Ok((
-                        response,
-                        Some(Lease {
-                            pool: Arc::clone(self),
-                            sender,
-                        }),
-                    ));
+                    let lease = Lease {
+                        pool: Arc::clone(self),
+                        sender,
+                    };
+                    return Ok((response, Some(lease)));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
                     _ => {
+                        let source = e.into_error();
                         return Err(UpstreamError::Request {
                             addr: self.addr,
-                            source: e.into_error(),
+                            source,
                         });
                     }
                 },
             }
         }
-        let mut sender = self.connect_h1().await?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::Request {
-                addr: self.addr,
-                source,
-            })?;
-        Ok((
-            response,
-            Some(Lease {
-                pool: Arc::clone(self),
-                sender,
-            }),
-        ))
     }
 
     /// The most recently used idle connection that is still open and fresh.
@@ -211,22 +196,19 @@ impl Pool {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
+    /// Returns a connection whose response was read whole. Staleness is dealt with when a
+    /// connection is taken ([`Pool::checkout`]) and by [`Pool::sweep`], not here on the hot path.
     fn put_back(&self, sender: http1::SendRequest<Incoming>) {
         if sender.is_closed() {
             return;
         }
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        let now = Instant::now();
-        // The oldest entries sit at the bottom: drop the stale ones as the stack is touched.
-        let fresh_from = idle
-            .iter()
-            .position(|i| now.duration_since(i.since) < self.idle_timeout)
-            .unwrap_or(idle.len());
-        idle.drain(..fresh_from);
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(Idle { sender, since: now });
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_PER_ENDPOINT
+        {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
         }
     }
 

@@ -169,7 +169,6 @@ impl Proxy {
         let config = tern_proxy::config::parse_yaml(yaml).unwrap();
         let app = App::new();
         app.apply(config, "test".into()).await.unwrap();
-        app.spawn_pool_sweeper();
         app.set_ready(true);
         Proxy { app }
     }
