@@ -1,47 +1,122 @@
-//! `tern-control-plane`: will serve the mesh to proxies over xDS v3 (ADS).
-//!
-//! Today it is a skeleton: it reads and validates the same YAML mesh description the proxy
-//! reads statically, and prints what it would serve. The xDS server, the Kubernetes source
-//! and the certificate authority are built on this entry point.
+//! `tern-control-plane`: flags, logging and signals. Everything else lives in the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
+use tern_control_plane::{Options, start};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tern-control-plane",
     version,
-    about = "Tern's control plane (skeleton: validates a mesh file)"
+    about = "Tern's control plane: serves the mesh to proxies over xDS v3 (ADS)"
 )]
 struct Args {
-    /// The mesh description: the same YAML shape `tern-proxy --config` reads.
+    /// The mesh description: the same YAML shape `tern-proxy --config` reads. Watched.
     #[arg(long, short)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Also serve the Services and EndpointSlices of the Kubernetes cluster found by the
+    /// usual means (in-cluster service account, or KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds_address: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    admin_address: SocketAddr,
+    /// How long a change waits for more before a version is published.
+    #[arg(long, default_value = "10ms", value_parser = duration)]
+    debounce: Duration,
+    /// How often the mesh file is checked for edits.
+    #[arg(long, default_value = "25ms", value_parser = duration)]
+    watch_interval: Duration,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+    /// Validate the mesh file and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check: bool,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    tern_proxy::config::parse_duration(text)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match tern_proxy::config::load_file(&args.config) {
-        Ok((config, _)) => {
-            println!(
-                "{}: valid mesh: {} listeners, {} services, {} endpoints",
-                args.config.display(),
-                config.listeners.len(),
-                config.services.len(),
-                config
-                    .services
-                    .iter()
-                    .map(|s| s.endpoints.len())
-                    .sum::<usize>()
-            );
-            println!("xDS serving is not implemented yet; run tern-proxy --config with this file.");
-            ExitCode::SUCCESS
-        }
+    init_logging(args.log_json);
+    if args.config.is_none() && !args.kubernetes {
+        eprintln!("tern-control-plane: give --config FILE, --kubernetes, or both");
+        return ExitCode::from(2);
+    }
+    if let Some(path) = &args.config
+        && let Err(e) = tern_proxy::config::load_file(path)
+    {
+        eprintln!(
+            "tern-control-plane: invalid mesh file {}: {e}",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
+    if args.check {
+        println!("valid");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("{}: {e}", args.config.display());
-            ExitCode::from(2)
+            eprintln!("tern-control-plane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-control-plane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let kubernetes = if args.kubernetes {
+        Some(kube::Client::try_default().await?)
+    } else {
+        None
+    };
+    let running = start(Options {
+        config: args.config,
+        xds_address: args.xds_address,
+        admin_address: Some(args.admin_address),
+        kubernetes,
+        debounce: args.debounce,
+        watch_interval: args.watch_interval,
+    })
+    .await?;
+    tracing::info!(xds = %running.xds_address, admin = ?running.admin_address, "tern-control-plane serving");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: stopping"),
+    }
+    running.shutdown().await;
+    Ok(())
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

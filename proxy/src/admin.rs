@@ -84,6 +84,7 @@ fn respond(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "version": snapshot.version,
                 "source": snapshot.source,
                 "listeners_bound": app.bound_addresses(),
+                "xds": app.xds_status(),
                 "config": &*snapshot.config.raw,
             }))
         }

@@ -48,6 +48,8 @@ struct Inner {
     ready: AtomicBool,
     /// Set once the idle-connection sweeper runs (started by the first `apply`).
     sweeping: AtomicBool,
+    /// What the xDS client reports about itself, for `/config_dump`.
+    xds_status: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 impl Default for App {
@@ -75,6 +77,7 @@ impl App {
                 bound: std::sync::Mutex::new(HashMap::new()),
                 ready: AtomicBool::new(false),
                 sweeping: AtomicBool::new(false),
+                xds_status: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -98,6 +101,17 @@ impl App {
 
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::Release);
+    }
+
+    /// Records the xDS client's state (server, versions accepted, last error).
+    pub fn set_xds_status(&self, status: serde_json::Value) {
+        if let Ok(mut s) = self.inner.xds_status.lock() {
+            *s = Some(status);
+        }
+    }
+
+    pub fn xds_status(&self) -> Option<serde_json::Value> {
+        self.inner.xds_status.lock().ok().and_then(|s| s.clone())
     }
 
     pub fn is_draining(&self) -> bool {

@@ -21,3 +21,4 @@ pub mod metrics;
 pub mod snapshot;
 pub mod store;
 pub mod tcp;
+pub mod xds;

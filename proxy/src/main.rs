@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tern_proxy::app::{self, App};
 use tern_proxy::config::parse_duration;
+use tern_proxy::xds::{XdsOptions, XdsProtocol};
+use tracing::Instrument;
 
 /// Exit status for an invalid configuration (nothing was bound).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -21,8 +23,21 @@ const EXIT_BAD_CONFIG: u8 = 2;
 )]
 struct Args {
     /// YAML config file; watched for changes and reloaded on SIGHUP.
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "xds")]
     config: Option<PathBuf>,
+    /// Follow the control plane at this address (`host:port`, plaintext gRPC ADS) instead
+    /// of a file.
+    #[arg(long)]
+    xds: Option<String>,
+    /// This proxy's node id, as the control plane sees it.
+    #[arg(long, default_value_t = default_node())]
+    node: String,
+    /// The xDS protocol variant: state of the world or incremental (delta).
+    #[arg(long, value_enum, default_value = "sotw")]
+    xds_protocol: XdsProtocol,
+    /// Time in-flight work gets after SIGTERM when following xDS.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    drain_timeout: Duration,
     /// Admin server address (overrides `admin.address` in the file).
     #[arg(long)]
     admin_address: Option<SocketAddr>,
@@ -93,10 +108,13 @@ fn main() -> ExitCode {
             .block_on(tern_proxy::demo::run(demo))
             .map(|()| ExitCode::SUCCESS),
         Some(Command::Check { config }) => Ok(check(&config)),
-        None => match args.config.clone() {
-            Some(path) => runtime.block_on(run(args, path)),
-            None => {
-                eprintln!("tern-proxy: --config FILE is required (or try `tern-proxy demo`)");
+        None => match (args.config.clone(), args.xds.clone()) {
+            (Some(path), _) => runtime.block_on(run(args, path)),
+            (None, Some(server)) => runtime.block_on(run_xds(args, server)),
+            (None, None) => {
+                eprintln!(
+                    "tern-proxy: --config FILE or --xds HOST:PORT is required (or try `tern-proxy demo`)"
+                );
                 Ok(ExitCode::from(EXIT_BAD_CONFIG))
             }
         },
@@ -161,6 +179,48 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
     let clean = app.drain(drain_timeout).await;
     tracing::info!(clean, "drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Follows a control plane: not ready until the first complete config has been applied;
+/// keeps serving the last good config whenever the control plane is away.
+async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let app = App::new();
+    if let Some(addr) = args.admin_address {
+        let bound = app
+            .serve_admin(addr)
+            .await
+            .with_context(|| format!("binding admin server on {addr}"))?;
+        tracing::info!(address = %bound, "admin server listening");
+    }
+    let options = XdsOptions {
+        server,
+        node: args.node.clone(),
+        protocol: args.xds_protocol,
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(10),
+    };
+    tracing::info!(server = %options.server, node = %options.node, "following the control plane");
+    let stop = app.drain_signal();
+    let follower = tokio::spawn(
+        tern_proxy::xds::run(app.clone(), options, stop).instrument(tracing::info_span!("xds")),
+    );
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+    let clean = app.drain(args.drain_timeout).await;
+    let _ = follower.await;
+    tracing::info!(clean, "drained; exiting");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The host name, which is the pod name on Kubernetes.
+fn default_node() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "tern-proxy".to_string())
 }
 
 fn init_logging(json: bool, quiet: bool) {

@@ -128,6 +128,7 @@ pub struct Metrics {
     tcp_active: Family<ListenerLabels, Gauge>,
     tcp_bytes: Family<TcpBytesLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    xds_nacks: Counter,
 }
 
 /// Handles for one listener.
@@ -192,6 +193,7 @@ impl Metrics {
             tcp_active: Family::default(),
             tcp_bytes: Family::default(),
             reloads: Family::default(),
+            xds_nacks: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("tern");
         r.register(
@@ -243,6 +245,11 @@ impl Metrics {
             "tcp_bytes",
             "Bytes forwarded on TCP listeners, by direction",
             m.tcp_bytes.clone(),
+        );
+        r.register(
+            "xds_nacks",
+            "xDS updates this proxy rejected (the running config stayed)",
+            m.xds_nacks.clone(),
         );
         r.register(
             "config_reloads",
@@ -334,6 +341,10 @@ impl Metrics {
                 reason,
             });
         }
+    }
+
+    pub fn count_xds_nack(&self) {
+        self.xds_nacks.inc();
     }
 
     pub fn count_reload(&self, result: ReloadResult) {

@@ -1,0 +1,267 @@
+//! What one stream has asked for and been sent, per resource type, and the pure decision of
+//! what to send next. Shared by the State-of-the-World and the incremental (delta) protocols.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::cache::{ByName, Resource};
+
+/// Per stream and type: the subscription, what the client holds, and the unacknowledged push.
+#[derive(Debug, Default)]
+pub struct TypeState {
+    /// Subscribed to everything of this type.
+    pub wildcard: bool,
+    /// The first request subscribed to nothing, which the spec reads as a wildcard and keeps
+    /// reading that way as long as later requests name nothing either.
+    legacy_wildcard: bool,
+    pub names: BTreeSet<String>,
+    /// Name → version of every resource the client has been sent (or told us it has).
+    pub sent: HashMap<Arc<str>, Arc<str>>,
+    /// A push awaiting its ACK or NACK; nothing newer is sent until it is answered, so a stream
+    /// that stops reading or answering gets at most one response per type in flight.
+    pub pending: Option<Pending>,
+    /// Has the client made a request for this type at all?
+    pub requested: bool,
+    pub acked_version: Option<String>,
+    pub last_nack: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub nonce: String,
+    pub version: u64,
+    pub changed_at: Instant,
+}
+
+/// What to send a client for one type.
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub changed: Vec<Arc<Resource>>,
+    pub removed: Vec<Arc<str>>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl TypeState {
+    /// Applies a State-of-the-World request's `resource_names`.
+    pub fn set_sotw_names(&mut self, names: &[String]) {
+        let first = !self.requested;
+        self.requested = true;
+        if first && names.is_empty() {
+            self.legacy_wildcard = true;
+        }
+        self.wildcard =
+            names.iter().any(|n| n == "*") || (self.legacy_wildcard && names.is_empty());
+        if !names.is_empty() {
+            self.legacy_wildcard = false;
+        }
+        self.names = names.iter().filter(|n| *n != "*").cloned().collect();
+        self.forget_unsubscribed();
+    }
+
+    /// Applies an incremental request's subscribe and unsubscribe lists.
+    pub fn update_delta_names(&mut self, subscribe: &[String], unsubscribe: &[String]) {
+        let first = !self.requested;
+        self.requested = true;
+        if first && subscribe.is_empty() {
+            self.legacy_wildcard = true;
+            self.wildcard = true;
+        }
+        for name in subscribe {
+            if name == "*" {
+                self.wildcard = true;
+            } else {
+                self.names.insert(name.clone());
+            }
+        }
+        for name in unsubscribe {
+            if name == "*" {
+                self.wildcard = false;
+                self.legacy_wildcard = false;
+            } else {
+                self.names.remove(name);
+            }
+        }
+        if !subscribe.is_empty() && self.legacy_wildcard && !subscribe.iter().any(|n| n == "*") {
+            // Naming resources ends a legacy wildcard (spec: "Explicitly subscribing to
+            // resources" after an implicit wildcard subscription).
+            self.legacy_wildcard = false;
+            self.wildcard = false;
+        }
+        self.forget_unsubscribed();
+    }
+
+    fn subscribed(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// An unsubscribed resource is forgotten, so a later re-subscription sends it again.
+    fn forget_unsubscribed(&mut self) {
+        if self.wildcard {
+            return;
+        }
+        let names = &self.names;
+        self.sent.retain(|name, _| names.contains(&**name));
+    }
+
+    /// What differs between the client's view and `current`, for the subscribed names.
+    pub fn diff(&self, current: &ByName) -> Diff {
+        let mut diff = Diff::default();
+        let mut consider = |resource: &Arc<Resource>| match self.sent.get(&resource.name) {
+            Some(v) if **v == *resource.version => {}
+            _ => diff.changed.push(Arc::clone(resource)),
+        };
+        if self.wildcard {
+            current.values().for_each(&mut consider);
+        } else {
+            for name in &self.names {
+                if let Some(r) = current.get(name.as_str()) {
+                    consider(r);
+                }
+            }
+        }
+        for name in self.sent.keys() {
+            if !current.contains_key(name) && self.subscribed(name) {
+                diff.removed.push(Arc::clone(name));
+            }
+        }
+        diff.removed.sort();
+        diff
+    }
+
+    /// Every subscribed resource that exists (a full State-of-the-World response).
+    pub fn all_subscribed(&self, current: &ByName) -> Vec<Arc<Resource>> {
+        if self.wildcard {
+            current.values().cloned().collect()
+        } else {
+            self.names
+                .iter()
+                .filter_map(|n| current.get(n.as_str()).cloned())
+                .collect()
+        }
+    }
+
+    /// Records that `changed` and `removed` were sent.
+    pub fn mark_sent(&mut self, changed: &[Arc<Resource>], removed: &[Arc<str>]) {
+        for r in changed {
+            self.sent
+                .insert(Arc::clone(&r.name), Arc::clone(&r.version));
+        }
+        for name in removed {
+            self.sent.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::Any;
+
+    fn res(name: &str, version: &str) -> (Arc<str>, Arc<Resource>) {
+        let r = Arc::new(Resource {
+            name: Arc::from(name),
+            version: Arc::from(version),
+            any: Any::default(),
+        });
+        (Arc::clone(&r.name), r)
+    }
+
+    fn names(d: &[Arc<Resource>]) -> Vec<&str> {
+        d.iter().map(|r| &*r.name).collect()
+    }
+
+    #[test]
+    fn sotw_legacy_wildcard_and_explicit_names() {
+        let mut s = TypeState::default();
+        s.set_sotw_names(&[]);
+        assert!(s.wildcard, "a first request naming nothing is a wildcard");
+        s.set_sotw_names(&[]);
+        assert!(s.wildcard, "and stays one");
+        s.set_sotw_names(&["a".into()]);
+        assert!(!s.wildcard);
+        s.set_sotw_names(&[]);
+        assert!(
+            !s.wildcard,
+            "after naming resources, an empty list means nothing"
+        );
+        s.set_sotw_names(&["*".into(), "b".into()]);
+        assert!(s.wildcard);
+    }
+
+    #[test]
+    fn sotw_first_request_with_names_is_not_wildcard() {
+        let mut s = TypeState::default();
+        s.set_sotw_names(&["a".into()]);
+        assert!(!s.wildcard);
+        let current: ByName = [res("a", "1"), res("b", "1")].into_iter().collect();
+        assert_eq!(names(&s.diff(&current).changed), ["a"]);
+    }
+
+    #[test]
+    fn diff_sends_only_changed_and_reports_removed() {
+        let mut s = TypeState::default();
+        s.set_sotw_names(&[]);
+        let v1: ByName = [res("a", "1"), res("b", "1"), res("c", "1")]
+            .into_iter()
+            .collect();
+        let d = s.diff(&v1);
+        assert_eq!(names(&d.changed), ["a", "b", "c"]);
+        s.mark_sent(&d.changed, &d.removed);
+        assert!(s.diff(&v1).is_empty());
+
+        let v2: ByName = [res("a", "1"), res("b", "2")].into_iter().collect();
+        let d = s.diff(&v2);
+        assert_eq!(names(&d.changed), ["b"]);
+        assert_eq!(d.removed, vec![Arc::<str>::from("c")]);
+        s.mark_sent(&d.changed, &d.removed);
+        assert!(s.diff(&v2).is_empty());
+    }
+
+    #[test]
+    fn unsubscribing_forgets_so_resubscribing_resends() {
+        let mut s = TypeState::default();
+        s.update_delta_names(&["a".into(), "b".into()], &[]);
+        assert!(!s.wildcard);
+        let v: ByName = [res("a", "1"), res("b", "1")].into_iter().collect();
+        let d = s.diff(&v);
+        s.mark_sent(&d.changed, &d.removed);
+        s.update_delta_names(&[], &["a".into()]);
+        assert!(s.diff(&v).is_empty(), "an unsubscribed name is not sent");
+        s.update_delta_names(&["a".into()], &[]);
+        assert_eq!(names(&s.diff(&v).changed), ["a"]);
+    }
+
+    #[test]
+    fn delta_wildcard_rules() {
+        let mut s = TypeState::default();
+        s.update_delta_names(&[], &[]);
+        assert!(
+            s.wildcard,
+            "first delta request naming nothing is a wildcard"
+        );
+        let mut s = TypeState::default();
+        s.update_delta_names(&["x".into()], &[]);
+        assert!(!s.wildcard);
+        s.update_delta_names(&["*".into()], &[]);
+        assert!(s.wildcard);
+        s.update_delta_names(&[], &["*".into()]);
+        assert!(!s.wildcard);
+        assert!(s.names.contains("x"));
+    }
+
+    #[test]
+    fn initial_versions_from_the_client_avoid_resending() {
+        let mut s = TypeState::default();
+        s.update_delta_names(&[], &[]);
+        s.sent.insert(Arc::from("a"), Arc::from("1"));
+        let v: ByName = [res("a", "1"), res("b", "1")].into_iter().collect();
+        assert_eq!(names(&s.diff(&v).changed), ["b"]);
+    }
+}

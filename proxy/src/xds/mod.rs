@@ -1,0 +1,13 @@
+//! The proxy's xDS side: resource types, the translation of Envoy resources into Tern's config
+//! model (`decode`, then `assemble`), and the ADS client that follows a control plane.
+
+mod assemble;
+mod backoff;
+mod client;
+pub mod decode;
+mod types;
+
+pub use assemble::{Assembly, XdsState};
+pub use backoff::Backoff;
+pub use client::{XdsOptions, XdsProtocol, run};
+pub use types::TypeKind;
