@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::{TempDir, Upstream, get, http1_client};
+use support::{ProxyProcess, TempDir, Upstream, free_port, get, http1_client};
 use tern_control_plane::{Options, Running};
 use tern_proxy::app::App;
 use tern_proxy::xds::{XdsOptions, XdsProtocol};
@@ -218,10 +218,26 @@ async fn endpoint_changes_under_load(protocol: XdsProtocol, tag: &str) {
     let load = Load::start(mesh.web(), 4);
     load.progress(200).await;
 
+    let state_of = |addr: SocketAddr| {
+        let snapshot = mesh.app.store().load();
+        let service = &snapshot.services["api"];
+        let e = service
+            .endpoints
+            .iter()
+            .find(|e| e.state.addr == addr)
+            .expect("endpoint present");
+        Arc::clone(&e.state)
+    };
+    let b_state = state_of(b.addr);
+
     // Add an endpoint: it starts getting traffic.
     mesh.edit(&[(a.addr, 1), (b.addr, 1), (c.addr, 1)]);
     mesh.wait("three endpoints", |_| mesh.endpoint_count() == 3)
         .await;
+    assert!(
+        Arc::ptr_eq(&b_state, &state_of(b.addr)),
+        "an endpoint that stays keeps its balancer state (in flight, EWMA, pool)"
+    );
     let before = c.hits();
     load.progress(300).await;
     assert!(c.hits() > before + 50, "the added endpoint gets traffic");
@@ -363,5 +379,53 @@ async fn config_dump_shows_the_xds_versions_in_force() {
     assert!(
         dump["source"].as_str().unwrap().starts_with("xds:"),
         "{dump}"
+    );
+}
+
+/// The binary: `tern-proxy --xds` is not ready before its first config, serves it, keeps
+/// serving while the control plane is gone, and drains on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_binary_follows_the_control_plane() {
+    let a = Upstream::start("a").await;
+    let dir = TempDir::new("xds-binary");
+    let file = dir.0.join("mesh.yaml");
+    let web_port = free_port();
+    std::fs::write(
+        &file,
+        mesh_yaml(&[(a.addr, 1)]).replace("127.0.0.1:0", &format!("127.0.0.1:{web_port}")),
+    )
+    .unwrap();
+    let cp = start_cp(&file, "127.0.0.1:0".parse().unwrap()).await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let args = [
+        "--xds".to_string(),
+        cp.xds_address.to_string(),
+        "--node".to_string(),
+        "binary-1".to_string(),
+        "--xds-protocol".to_string(),
+        "delta".to_string(),
+    ];
+    let mut proxy = ProxyProcess::spawn_with(&args, admin, &dir.0);
+    proxy.wait_ready().await;
+    let client = http1_client();
+    let web: SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    assert_eq!(get(&client, web, "x", "/", &[]).await.status, 200);
+
+    cp.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        assert_eq!(get(&client, web, "x", "/", &[]).await.status, 200);
+    }
+    assert_eq!(
+        proxy.admin_get("/ready").await.status,
+        200,
+        "still ready: the last config serves"
+    );
+    proxy.signal("TERM");
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        proxy.log()
     );
 }

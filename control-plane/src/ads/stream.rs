@@ -201,7 +201,9 @@ impl Core {
     fn sotw_push(&mut self, kind: TypeKind, cause: Cause) -> Option<DiscoveryResponse> {
         let current = Arc::clone(&self.current);
         let state = &mut self.types[kind.index()];
-        if !state.requested || state.pending.is_some() {
+        // Version 0 is the empty placeholder before the first model is published: a proxy
+        // that reconnects to a control plane still starting must not be told "no resources".
+        if current.version == 0 || !state.requested || state.pending.is_some() {
             return None;
         }
         let diff = state.diff(current.of(kind));
@@ -239,7 +241,9 @@ impl Core {
     fn delta_push(&mut self, kind: TypeKind, cause: Cause) -> Option<DeltaDiscoveryResponse> {
         let current = Arc::clone(&self.current);
         let state = &mut self.types[kind.index()];
-        if !state.requested || state.pending.is_some() {
+        // Version 0 is the empty placeholder before the first model is published: a proxy
+        // that reconnects to a control plane still starting must not be told "no resources".
+        if current.version == 0 || !state.requested || state.pending.is_some() {
             return None;
         }
         let diff = state.diff(current.of(kind));

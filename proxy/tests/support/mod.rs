@@ -260,14 +260,22 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn spawn(config: &Path, admin: SocketAddr, dir: &Path) -> ProxyProcess {
+        let args = [
+            "--config".to_string(),
+            config.display().to_string(),
+            "--watch-interval".to_string(),
+            "100ms".to_string(),
+        ];
+        Self::spawn_with(&args, admin, dir)
+    }
+
+    /// Runs the binary with `args` plus `--admin-address ADMIN`.
+    pub fn spawn_with(args: &[String], admin: SocketAddr, dir: &Path) -> ProxyProcess {
         let stderr = dir.join("proxy.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .arg("--admin-address")
             .arg(admin.to_string())
-            .arg("--watch-interval")
-            .arg("100ms")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())

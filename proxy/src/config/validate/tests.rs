@@ -158,3 +158,10 @@ fn shipped_example_is_valid() {
     let config = parse_yaml(text).expect("deploy/examples/static.yaml must stay valid");
     assert_eq!(config.listeners.len(), 2);
 }
+
+#[test]
+fn shipped_mesh_example_is_valid() {
+    let text = include_str!("../../../../deploy/examples/mesh.yaml");
+    let config = parse_yaml(text).expect("deploy/examples/mesh.yaml must stay valid");
+    assert_eq!(config.services.len(), 3);
+}
