@@ -18,6 +18,7 @@ pub mod demo;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod resilience;
 pub mod snapshot;
 pub mod store;
 pub mod tcp;
