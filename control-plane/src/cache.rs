@@ -19,6 +19,8 @@ pub struct Resource {
     /// A hash of the encoded bytes: equal versions mean identical resources.
     pub version: Arc<str>,
     pub any: Any,
+    /// Hidden from wildcard subscriptions; sent when asked for by name.
+    pub named_only: bool,
 }
 
 pub type ByName = BTreeMap<Arc<str>, Arc<Resource>>;
@@ -61,6 +63,7 @@ impl Resources {
                         name: Arc::from(p.name.as_str()),
                         version: Arc::from(hash.as_str()),
                         any: p.any,
+                        named_only: p.named_only,
                     })
                 });
                 map.insert(Arc::clone(&resource.name), resource);

@@ -12,6 +12,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod model;
 pub mod nodes;
+pub mod resilience;
 pub mod resources;
 
 use std::net::SocketAddr;

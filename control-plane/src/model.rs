@@ -178,6 +178,9 @@ mod tests {
             connect_timeout: None,
             idle_timeout: None,
             endpoints: vec![],
+            circuit_breaker: None,
+            outlier_detection: None,
+            health_check: None,
         }];
         let merged = merge(Some(&file.raw), Some(&k8s)).expect("merges");
         assert_eq!(merged.services.len(), 2);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http1ProtocolOptions,
-    Http2ProtocolOptions, HttpProtocolOptions as CommonHttpProtocolOptions, Metadata,
+    Http2ProtocolOptions, HttpProtocolOptions as CommonHttpProtocolOptions, Locality, Metadata,
     SocketAddress, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -45,6 +45,8 @@ use tern_proxy::config::{
 
 use tern_proxy::xds::TypeKind;
 
+use crate::resilience;
+
 /// Well-known filter and extension names, as Envoy and gRPC expect them.
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
@@ -58,9 +60,14 @@ pub const TERN_METADATA: &str = "tern";
 pub struct Packed {
     pub name: String,
     pub any: Any,
+    /// Sent only to clients that ask for it by name (see [`encode`]).
+    pub named_only: bool,
 }
 
-/// Every resource of a mesh, by type, in name order.
+/// Every resource of a mesh, by type, in name order. API listeners are `named_only`: a
+/// proxyless gRPC client asks for its listener by name, while a proxy (Envoy, Tern) asks for
+/// all listeners and must not get them (Envoy logs a warning for every API listener it is
+/// sent, and has nothing to bind for them).
 pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
     let mut out: BTreeMap<TypeKind, Vec<Packed>> = BTreeMap::new();
     let listener_names: std::collections::HashSet<&str> =
@@ -68,17 +75,20 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
     for service in &config.services {
         out.entry(TypeKind::Cluster).or_default().push(Packed {
             name: service.name.to_string(),
-            any: pack_any(cluster_of(service)),
+            any: pack_cluster(cluster_of(service)),
+            named_only: false,
         });
         out.entry(TypeKind::Endpoint).or_default().push(Packed {
             name: service.name.to_string(),
             any: pack_any(load_assignment_of(service)),
+            named_only: false,
         });
         // A mesh-file listener of the same name wins; gRPC clients then resolve that one.
         if service.protocol != UpstreamProtocol::Tcp && !listener_names.contains(&*service.name) {
             out.entry(TypeKind::Listener).or_default().push(Packed {
                 name: service.name.to_string(),
                 any: pack_any(api_listener_of(service)),
+                named_only: true,
             });
         }
     }
@@ -130,11 +140,13 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
                 }],
                 ..Default::default()
             }),
+            named_only: false,
         });
         if let Some(rc) = route_config {
             out.entry(TypeKind::Route).or_default().push(Packed {
                 name: listener.name.to_string(),
                 any: pack_any(rc),
+                named_only: false,
             });
         }
     }
@@ -219,8 +231,54 @@ fn cluster_of(service: &Service) -> Cluster {
             filter_metadata,
             ..Default::default()
         }),
+        circuit_breakers: Some(resilience::circuit_breakers(&service.circuit_breaker)),
+        outlier_detection: service
+            .outlier_detection
+            .as_ref()
+            .map(resilience::outlier_detection),
+        health_checks: service
+            .health_check
+            .as_ref()
+            .map(resilience::health_checks)
+            .unwrap_or_default(),
         ..Default::default()
     }
+}
+
+/// Packs a cluster so that equal clusters give equal bytes (the content version is a hash of
+/// them). prost encodes a map in its `HashMap`'s iteration order, which differs between
+/// instances; `metadata` (tag 25) is the only map with more than one entry, so it is encoded
+/// last from `BTreeMap`s. Protobuf parsers accept fields in any order.
+fn pack_cluster(mut cluster: Cluster) -> Any {
+    let metadata = cluster.metadata.take().map(|m| SortedMetadata {
+        filter_metadata: m
+            .filter_metadata
+            .into_iter()
+            .map(|(k, v)| {
+                let fields = v.fields.into_iter().collect();
+                (k, SortedStruct { fields })
+            })
+            .collect(),
+    });
+    let mut any = pack_any(cluster);
+    if let Some(metadata) = metadata {
+        prost::encoding::message::encode(25, &metadata, &mut any.value);
+    }
+    any
+}
+
+/// `envoy.config.core.v3.Metadata` (its `filter_metadata` only) with maps in key order.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SortedMetadata {
+    #[prost(btree_map = "string, message", tag = "1")]
+    filter_metadata: BTreeMap<String, SortedStruct>,
+}
+
+/// `google.protobuf.Struct` with its fields in key order.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SortedStruct {
+    #[prost(btree_map = "string, message", tag = "1")]
+    fields: BTreeMap<String, pbuf::Value>,
 }
 
 fn load_assignment_of(service: &Service) -> ClusterLoadAssignment {
@@ -239,6 +297,9 @@ fn load_assignment_of(service: &Service) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: service.name.to_string(),
         endpoints: vec![LocalityLbEndpoints {
+            // gRPC NACKs an EDS resource whose localities have no `locality` field
+            // ("endpoints[0].locality: field not present"); an empty one is enough.
+            locality: Some(Locality::default()),
             lb_endpoints,
             // gRPC's xDS balancer drops localities without a weight.
             load_balancing_weight: Some(UInt32Value { value: 1 }),
@@ -329,8 +390,11 @@ fn route_of(route: &tern_proxy::config::Route) -> Route {
         }),
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(cluster_specifier),
+            timeout: Some(resilience::route_timeout(route.timeout)),
+            retry_policy: route.retry.as_ref().map(resilience::retry_policy),
             ..Default::default()
         })),
+        metadata: route.retry.as_ref().map(resilience::budget_metadata),
         ..Default::default()
     }
 }
@@ -397,7 +461,7 @@ fn socket_address(addr: SocketAddr) -> Address {
     }
 }
 
-fn duration(d: Duration) -> pbuf::Duration {
+pub(crate) fn duration(d: Duration) -> pbuf::Duration {
     pbuf::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),

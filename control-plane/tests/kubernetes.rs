@@ -131,6 +131,9 @@ fn mesh(name: &str, protocol: RawServiceProtocol, endpoints: &[&str]) -> RawServ
                 weight: None,
             })
             .collect(),
+        circuit_breaker: None,
+        outlier_detection: None,
+        health_check: None,
     }
 }
 

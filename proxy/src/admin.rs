@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::balance::Load;
+use crate::resilience::outlier::OutlierState;
 use crate::store::Store;
 
 pub async fn serve(listener: TcpListener, app: App) {
@@ -109,12 +110,21 @@ fn endpoints_json(store: &Store) -> serde_json::Value {
                 .iter()
                 .map(|e| {
                     let load = &e.state.load;
+                    let outlier = e.state.outlier.state(now);
+                    let remaining = match outlier {
+                        OutlierState::Ejected { remaining } => Some(remaining.as_secs_f64()),
+                        _ => None,
+                    };
                     json!({
                         "address": e.state.label,
                         "weight": e.weight,
                         "in_flight": load.in_flight(),
                         "ewma_ms": load.ewma(now).as_secs_f64() * 1000.0,
                         "available": load.is_available(now),
+                        "outlier": outlier.as_str(),
+                        "ejection_seconds_left": remaining,
+                        "ejections": e.state.outlier.total_ejections(),
+                        "health": e.state.health.state().as_str(),
                     })
                 })
                 .collect();
@@ -163,6 +173,8 @@ impl EndpointCollector {
 
 /// Reads one gauge value from an endpoint's load.
 type LoadGauge<'a> = dyn Fn(&Load) -> f64 + 'a;
+/// Reads one gauge value from an endpoint's shared state.
+type StateGauge = dyn Fn(&crate::snapshot::EndpointState) -> f64;
 
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -182,6 +194,31 @@ impl Collector for EndpointCollector {
                 &ewma,
             ),
         ];
+        // Endpoint state: 1 when ejected by outlier detection / failing health checks.
+        let flags: [(&str, &str, &StateGauge); 2] = [
+            (
+                "tern_endpoint_ejected",
+                "1 while outlier detection keeps the endpoint out of balancing",
+                &|e| f64::from(u8::from(e.outlier.is_marked_ejected())),
+            ),
+            (
+                "tern_endpoint_unhealthy",
+                "1 while the endpoint fails its active health checks",
+                &|e| f64::from(u8::from(e.health.is_unhealthy())),
+            ),
+        ];
+        for (name, help, value) in flags {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in snapshot.services.values() {
+                for e in &s.endpoints {
+                    let labels = [
+                        ("service", &*s.config.name),
+                        ("endpoint", e.state.label.as_str()),
+                    ];
+                    ConstGauge::new(value(&e.state)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for s in snapshot.services.values() {

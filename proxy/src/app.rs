@@ -50,6 +50,8 @@ struct Inner {
     sweeping: AtomicBool,
     /// What the xDS client reports about itself, for `/config_dump`.
     xds_status: std::sync::Mutex<Option<serde_json::Value>>,
+    /// One probing task per endpoint of services with an active health check.
+    health_checks: crate::health::Checkers,
 }
 
 impl Default for App {
@@ -78,6 +80,7 @@ impl App {
                 ready: AtomicBool::new(false),
                 sweeping: AtomicBool::new(false),
                 xds_status: std::sync::Mutex::new(None),
+                health_checks: Default::default(),
             }),
         }
     }
@@ -178,9 +181,17 @@ impl App {
         }
 
         let previous = inner.store.load_full();
-        let next = Snapshot::build(Arc::clone(&config), source, &previous, &inner.metrics);
+        let next = Arc::new(Snapshot::build(
+            Arc::clone(&config),
+            source,
+            &previous,
+            &inner.metrics,
+        ));
         let version = next.version;
-        inner.store.store(Arc::new(next));
+        inner.store.store(Arc::clone(&next));
+        inner
+            .health_checks
+            .reconcile(&next, &inner.tracker, &inner.drain);
 
         for (l, socket) in bound {
             if let Some(old) = running.remove(&l.name) {

@@ -52,6 +52,30 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub service: String,
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub service: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointClassLabels {
     pub service: String,
     pub endpoint: String,
@@ -129,6 +153,11 @@ pub struct Metrics {
     tcp_bytes: Family<TcpBytesLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     xds_nacks: Counter,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<ServiceLabels, Counter>,
+    overloaded: Family<LimitLabels, Counter>,
+    timeouts: Family<TimeoutLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
 }
 
 /// Handles for one listener.
@@ -154,6 +183,36 @@ impl ListenerMetrics {
 pub struct ServiceMetrics {
     pub latency: Histogram,
     pub no_endpoints: Counter,
+    pub budget_exhausted: Counter,
+    /// By `Limit`: connections, pending, requests, retries.
+    pub overloaded: [Counter; 4],
+    pub request_timeouts: Counter,
+    pub per_try_timeouts: Counter,
+    retries: Family<RetryLabels, Counter>,
+    name: String,
+}
+
+impl ServiceMetrics {
+    /// Counts a retry; off the fast path (a retry already cost a round trip).
+    pub fn count_retry(&self, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                service: self.name.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn count_overloaded(&self, limit: crate::resilience::breaker::Limit) {
+        use crate::resilience::breaker::Limit;
+        let i = match limit {
+            Limit::Connections => 0,
+            Limit::PendingRequests => 1,
+            Limit::Requests => 2,
+            Limit::Retries => 3,
+        };
+        self.overloaded[i].inc();
+    }
 }
 
 /// Handles for one endpoint of one service.
@@ -162,6 +221,7 @@ pub struct EndpointMetrics {
     pub requests: [Counter; 5],
     pub connect_failures: Counter,
     pub resets: Counter,
+    pub ejections: Counter,
 }
 
 impl EndpointMetrics {
@@ -194,6 +254,11 @@ impl Metrics {
             tcp_bytes: Family::default(),
             reloads: Family::default(),
             xds_nacks: Counter::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            overloaded: Family::default(),
+            timeouts: Family::default(),
+            ejections: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tern");
         r.register(
@@ -247,6 +312,31 @@ impl Metrics {
             m.tcp_bytes.clone(),
         );
         r.register(
+            "retries",
+            "Requests retried, by service and the condition that caused it",
+            m.retries.clone(),
+        );
+        r.register(
+            "retry_budget_exhausted",
+            "Retries not made because the route's retry budget was spent",
+            m.budget_exhausted.clone(),
+        );
+        r.register(
+            "overloaded",
+            "Requests or connections refused by a circuit breaker, by limit",
+            m.overloaded.clone(),
+        );
+        r.register(
+            "timeouts",
+            "Requests that timed out, by kind (request: the route timeout; per_try)",
+            m.timeouts.clone(),
+        );
+        r.register(
+            "outlier_ejections",
+            "Times an endpoint was ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        r.register(
             "xds_nacks",
             "xDS updates this proxy rejected (the running config stayed)",
             m.xds_nacks.clone(),
@@ -295,9 +385,29 @@ impl Metrics {
         let l = ServiceLabels {
             service: name.to_string(),
         };
+        let limit = |limit| LimitLabels {
+            service: name.to_string(),
+            limit,
+        };
+        let timeout = |kind| TimeoutLabels {
+            service: name.to_string(),
+            kind,
+        };
         ServiceMetrics {
             latency: self.upstream_latency.get_or_create_owned(&l),
             no_endpoints: self.no_endpoints.get_or_create_owned(&l),
+            budget_exhausted: self.budget_exhausted.get_or_create_owned(&l),
+            overloaded: [
+                "max_connections",
+                "max_pending_requests",
+                "max_requests",
+                "max_retries",
+            ]
+            .map(|l| self.overloaded.get_or_create_owned(&limit(l))),
+            request_timeouts: self.timeouts.get_or_create_owned(&timeout("request")),
+            per_try_timeouts: self.timeouts.get_or_create_owned(&timeout("per_try")),
+            retries: self.retries.clone(),
+            name: name.to_string(),
         }
     }
 
@@ -322,6 +432,10 @@ impl Metrics {
             resets: self
                 .upstream_failures
                 .get_or_create_owned(&failure(FailureReason::Reset)),
+            ejections: self.ejections.get_or_create_owned(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            }),
         }
     }
 
@@ -341,6 +455,10 @@ impl Metrics {
                 reason,
             });
         }
+        self.ejections.remove(&EndpointLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        });
     }
 
     pub fn count_xds_nack(&self) {

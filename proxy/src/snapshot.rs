@@ -10,9 +10,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::balance::{Balancer, Candidate, Load};
-use crate::config::{Config, Listener, ListenerKind, Route, Service, UpstreamProtocol};
+use crate::config::{
+    BreakerConfig, Config, Listener, ListenerKind, OutlierConfig, Route, Service, UpstreamProtocol,
+};
+use crate::health::Health;
 use crate::http::pool::Pool;
 use crate::metrics::{EndpointMetrics, ListenerMetrics, Metrics, ServiceMetrics};
+use crate::resilience::breaker::Breaker;
+use crate::resilience::budget::RetryBudget;
+use crate::resilience::outlier::{Observation, Outlier, OutlierGroup};
 
 /// Everything the data path reads, swapped as one unit on every config change.
 #[derive(Debug)]
@@ -43,6 +49,8 @@ pub enum ListenerRtKind {
 pub struct RouteRt {
     pub config: Route,
     pub backends: Backends,
+    /// Present when the route retries; counts requests and retries over a sliding window.
+    pub budget: Option<RetryBudget>,
 }
 
 /// A weighted split over services; cumulative weights make a pick one random draw.
@@ -70,14 +78,61 @@ pub struct ServiceRt {
     pub endpoints: Vec<Endpoint>,
     pub balancer: Balancer,
     pub metrics: ServiceMetrics,
+    pub shared: Arc<ServiceShared>,
+}
+
+/// Per-service state that outlives config changes: circuit-breaker counts and the outlier
+/// group (so that an overload or an ejection is not forgotten by a reload).
+#[derive(Debug, Default)]
+pub struct ServiceShared {
+    pub breaker: Arc<Breaker>,
+    pub outliers: OutlierGroup,
 }
 
 impl ServiceRt {
     /// Picks the endpoint for the next request or connection.
-    pub fn pick(&self, rng: &mut fastrand::Rng, now: Instant) -> Option<&Endpoint> {
+    pub fn pick(&self, rng: &mut fastrand::Rng, now: Instant) -> Option<(usize, &Endpoint)> {
+        self.pick_avoiding(rng, now, &[])
+    }
+
+    /// Picks an endpoint other than those in `avoid` (the ones a retry already tried), unless
+    /// they are all that is left.
+    pub fn pick_avoiding(
+        &self,
+        rng: &mut fastrand::Rng,
+        now: Instant,
+        avoid: &[usize],
+    ) -> Option<(usize, &Endpoint)> {
         self.balancer
-            .pick(&self.endpoints, rng, now)
-            .map(|i| &self.endpoints[i])
+            .pick_avoiding(&self.endpoints, rng, now, avoid)
+            .map(|i| (i, &self.endpoints[i]))
+    }
+
+    /// Feeds passive outlier detection with what a request (or connection) to `endpoint`
+    /// came to; ejects it when a threshold is reached.
+    pub fn observe(&self, endpoint: &Endpoint, observation: Observation, now: Instant) {
+        let Some(config) = &self.config.outlier_detection else {
+            return;
+        };
+        let ejected =
+            endpoint
+                .state
+                .outlier
+                .observe(config, observation, now, self.endpoints.len(), || {
+                    self.ejected_count()
+                });
+        if let Some(time) = ejected {
+            endpoint.state.metrics.ejections.inc();
+            tracing::warn!(service = %self.config.name, endpoint = %endpoint.state.label, ejected_for = ?time, ?observation, "outlier detection ejected an endpoint");
+        }
+    }
+
+    /// How many endpoints are ejected now (counted only when an ejection is considered).
+    pub fn ejected_count(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| e.state.outlier.is_marked_ejected())
+            .count()
     }
 }
 
@@ -86,6 +141,8 @@ impl ServiceRt {
 pub struct Endpoint {
     pub weight: u32,
     pub state: Arc<EndpointState>,
+    /// The service's outlier settings and group, for the balancer's eligibility check.
+    outlier: Option<(OutlierConfig, Arc<ServiceShared>)>,
 }
 
 impl Candidate for Endpoint {
@@ -94,6 +151,15 @@ impl Candidate for Endpoint {
     }
     fn load(&self) -> &Load {
         &self.state.load
+    }
+    fn eligible(&self, now: Instant) -> bool {
+        if !self.state.load.is_available(now) || self.state.health.is_unhealthy() {
+            return false;
+        }
+        match &self.outlier {
+            Some((config, shared)) => !self.state.outlier.is_ejected(config, &shared.outliers, now),
+            None => true,
+        }
     }
 }
 
@@ -108,8 +174,13 @@ pub struct EndpointState {
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    breaker: BreakerConfig,
     /// HTTP connections to this endpoint (unused by TCP services).
     pub pool: Arc<Pool>,
+    /// Active health check verdict (kept across config changes).
+    pub health: Arc<Health>,
+    /// Passive outlier detection (kept across config changes).
+    pub outlier: Arc<Outlier>,
 }
 
 impl EndpointState {
@@ -147,6 +218,8 @@ impl Snapshot {
         let mut services = HashMap::with_capacity(config.services.len());
         for service in &config.services {
             let old = previous.services.get(&service.name);
+            let shared = old.map_or_else(Arc::default, |o| Arc::clone(&o.shared));
+            let outlier = service.outlier_detection.map(|c| (c, Arc::clone(&shared)));
             let endpoints: Vec<Endpoint> = service
                 .endpoints
                 .iter()
@@ -155,23 +228,35 @@ impl Snapshot {
                         old.and_then(|o| o.endpoints.iter().find(|x| x.state.addr == e.address));
                     let state = match old_state {
                         Some(x) if x.state.settings_match(service) => Arc::clone(&x.state),
-                        // Settings changed: new pool, but the balancer's view of the endpoint stays.
+                        // Settings changed: new pool, but the balancer's view of the endpoint,
+                        // its health and its outlier record stay.
                         Some(x) => Arc::new(EndpointState::new(
                             service,
                             e.address,
-                            Arc::clone(&x.state.load),
+                            Carried {
+                                load: Arc::clone(&x.state.load),
+                                health: Arc::clone(&x.state.health),
+                                outlier: Arc::clone(&x.state.outlier),
+                            },
                             metrics,
+                            &shared.breaker,
                         )),
                         None => Arc::new(EndpointState::new(
                             service,
                             e.address,
-                            Arc::new(Load::new(now)),
+                            Carried {
+                                load: Arc::new(Load::new(now)),
+                                health: Arc::default(),
+                                outlier: Arc::default(),
+                            },
                             metrics,
+                            &shared.breaker,
                         )),
                     };
                     Endpoint {
                         weight: e.weight,
                         state,
+                        outlier: outlier.clone(),
                     }
                 })
                 .collect();
@@ -181,6 +266,7 @@ impl Snapshot {
                 endpoints,
                 balancer,
                 metrics: metrics.service(&service.name),
+                shared,
             };
             services.insert(Arc::clone(&service.name), Arc::new(rt));
         }
@@ -247,25 +333,47 @@ fn route_rt(route: &Route, services: &HashMap<Arc<str>, Arc<ServiceRt>>) -> Opti
             services: resolved,
             cumulative,
         },
+        budget: route
+            .retry
+            .as_ref()
+            .map(|r| RetryBudget::new(r.budget, Instant::now())),
     })
 }
 
+/// What an endpoint keeps when its service's connection settings change.
+struct Carried {
+    load: Arc<Load>,
+    health: Arc<Health>,
+    outlier: Arc<Outlier>,
+}
+
 impl EndpointState {
-    fn new(service: &Service, addr: SocketAddr, load: Arc<Load>, metrics: &Metrics) -> Self {
+    fn new(
+        service: &Service,
+        addr: SocketAddr,
+        carried: Carried,
+        metrics: &Metrics,
+        breaker: &Arc<Breaker>,
+    ) -> Self {
         let label = addr.to_string();
         EndpointState {
             addr,
             metrics: metrics.endpoint(&service.name, &label),
             label,
-            load,
+            load: carried.load,
+            health: carried.health,
+            outlier: carried.outlier,
             protocol: service.protocol,
             connect_timeout: service.connect_timeout,
             idle_timeout: service.idle_timeout,
+            breaker: service.circuit_breaker,
             pool: Arc::new(Pool::new(
                 addr,
                 service.protocol,
                 service.connect_timeout,
                 service.idle_timeout,
+                Arc::clone(breaker),
+                service.circuit_breaker,
             )),
         }
     }
@@ -274,6 +382,7 @@ impl EndpointState {
         self.protocol == service.protocol
             && self.connect_timeout == service.connect_timeout
             && self.idle_timeout == service.idle_timeout
+            && self.breaker == service.circuit_breaker
     }
 }
 

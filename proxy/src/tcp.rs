@@ -8,6 +8,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::http::client::connect_tcp;
+use crate::resilience::breaker::Limit;
+use crate::resilience::outlier::Observation;
 use crate::snapshot::ListenerRtKind;
 use crate::store::Store;
 
@@ -40,24 +42,45 @@ pub async fn serve(
         metrics.tcp_active.dec();
     });
 
+    // A TCP connection counts against the service's `max_connections` while it lasts.
+    let limits = service.config.circuit_breaker;
+    let _permit = match service
+        .shared
+        .breaker
+        .try_acquire(Limit::Connections, limits.max_connections)
+    {
+        Ok(p) => p,
+        Err(limit) => {
+            service.metrics.count_overloaded(limit);
+            tracing::info!(%client, service = %service.config.name, "circuit breaker: max_connections reached; closing");
+            let _ = downstream.shutdown().await;
+            return;
+        }
+    };
     let mut rng = fastrand::Rng::new();
     let mut upstream = None;
+    let mut tried = Vec::with_capacity(CONNECT_ATTEMPTS);
     for _ in 0..CONNECT_ATTEMPTS {
-        let Some(endpoint) = service.pick(&mut rng, Instant::now()) else {
+        let Some((index, endpoint)) = service.pick_avoiding(&mut rng, Instant::now(), &tried)
+        else {
             service.metrics.no_endpoints.inc();
             break;
         };
+        tried.push(index);
         let state = &endpoint.state;
         match connect_tcp(state.addr, state.connect_timeout()).await {
             Ok(stream) => {
                 state.load.record_success();
+                service.observe(endpoint, Observation::Success, Instant::now());
                 upstream = Some((stream, Arc::clone(state)));
                 break;
             }
             Err(e) => {
                 tracing::debug!(service = %service.config.name, error = %e, "tcp upstream connect failed");
-                state.load.record_failure(Instant::now());
+                let now = Instant::now();
+                state.load.record_failure(now);
                 state.metrics.connect_failures.inc();
+                service.observe(endpoint, Observation::ConnectFailure, now);
             }
         }
     }

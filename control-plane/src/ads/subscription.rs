@@ -118,16 +118,25 @@ impl TypeState {
             _ => diff.changed.push(Arc::clone(resource)),
         };
         if self.wildcard {
-            current.values().for_each(&mut consider);
-        } else {
-            for name in &self.names {
-                if let Some(r) = current.get(name.as_str()) {
-                    consider(r);
-                }
+            current
+                .values()
+                .filter(|r| !r.named_only)
+                .for_each(&mut consider);
+        }
+        for name in &self.names {
+            if let Some(r) = current.get(name.as_str())
+                && (!self.wildcard || r.named_only)
+            {
+                consider(r);
             }
         }
         for name in self.sent.keys() {
-            if !current.contains_key(name) && self.subscribed(name) {
+            let gone = match current.get(name) {
+                None => true,
+                // Still there, but only for clients naming it.
+                Some(r) => r.named_only && !self.names.contains(&**name),
+            };
+            if gone && self.subscribed(name) {
                 diff.removed.push(Arc::clone(name));
             }
         }
@@ -137,14 +146,23 @@ impl TypeState {
 
     /// Every subscribed resource that exists (a full State-of-the-World response).
     pub fn all_subscribed(&self, current: &ByName) -> Vec<Arc<Resource>> {
-        if self.wildcard {
-            current.values().cloned().collect()
-        } else {
-            self.names
-                .iter()
-                .filter_map(|n| current.get(n.as_str()).cloned())
+        let mut out: Vec<Arc<Resource>> = if self.wildcard {
+            current
+                .values()
+                .filter(|r| !r.named_only)
+                .cloned()
                 .collect()
+        } else {
+            Vec::new()
+        };
+        for name in &self.names {
+            if let Some(r) = current.get(name.as_str())
+                && (!self.wildcard || r.named_only)
+            {
+                out.push(Arc::clone(r));
+            }
         }
+        out
     }
 
     /// Records that `changed` and `removed` were sent.
@@ -169,6 +187,7 @@ mod tests {
             name: Arc::from(name),
             version: Arc::from(version),
             any: Any::default(),
+            named_only: false,
         });
         (Arc::clone(&r.name), r)
     }
@@ -254,6 +273,27 @@ mod tests {
         s.update_delta_names(&[], &["*".into()]);
         assert!(!s.wildcard);
         assert!(s.names.contains("x"));
+    }
+
+    #[test]
+    fn named_only_resources_skip_wildcards_but_not_names() {
+        let hidden = Arc::new(Resource {
+            name: Arc::from("api"),
+            version: Arc::from("1"),
+            any: Any::default(),
+            named_only: true,
+        });
+        let current: ByName = [res("web", "1"), (Arc::clone(&hidden.name), hidden)]
+            .into_iter()
+            .collect();
+        let mut wildcard = TypeState::default();
+        wildcard.set_sotw_names(&[]);
+        assert_eq!(names(&wildcard.all_subscribed(&current)), ["web"]);
+        assert_eq!(names(&wildcard.diff(&current).changed), ["web"]);
+        let mut named = TypeState::default();
+        named.set_sotw_names(&["api".into()]);
+        assert_eq!(names(&named.all_subscribed(&current)), ["api"]);
+        assert_eq!(names(&named.diff(&current).changed), ["api"]);
     }
 
     #[test]

@@ -208,6 +208,9 @@ fn add_service(
             connect_timeout: settings.connect_timeout.clone(),
             idle_timeout: settings.idle_timeout.clone(),
             endpoints: endpoints_of(port, slices),
+            circuit_breaker: None,
+            outlier_detection: None,
+            health_check: None,
         });
     }
 }

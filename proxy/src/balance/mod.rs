@@ -22,6 +22,11 @@ pub use round_robin::RoundRobin;
 pub trait Candidate {
     fn weight(&self) -> u32;
     fn load(&self) -> &Load;
+    /// May this endpoint get traffic now? (Not recently refusing connections, not ejected,
+    /// not failing health checks.)
+    fn eligible(&self, now: Instant) -> bool {
+        self.load().is_available(now)
+    }
 }
 
 /// The balancing policy of one service, over one endpoint list.
@@ -61,12 +66,31 @@ impl Balancer {
         rng: &mut Rng,
         now: Instant,
     ) -> Option<usize> {
+        self.pick_avoiding(endpoints, rng, now, &[])
+    }
+
+    /// Picks among eligible endpoints not in `avoid`. When there are none, falls back to
+    /// eligible ones, then to any not avoided, then to any: when every endpoint looks bad,
+    /// spreading traffic over all of them ("panic routing") beats refusing it.
+    pub fn pick_avoiding<C: Candidate>(
+        &self,
+        endpoints: &[C],
+        rng: &mut Rng,
+        now: Instant,
+        avoid: &[usize],
+    ) -> Option<usize> {
         if endpoints.len() <= 1 {
             return if endpoints.is_empty() { None } else { Some(0) };
         }
-        // When every endpoint failed recently, ignore failures rather than refuse traffic.
-        let any_available = endpoints.iter().any(|e| e.load().is_available(now));
-        let available = |i: usize| !any_available || endpoints[i].load().is_available(now);
+        // No allocation: eligibility is a few atomic loads, cheap to ask twice.
+        let ok = |i: usize, use_health: bool, use_avoid: bool| {
+            (!use_avoid || !avoid.contains(&i)) && (!use_health || endpoints[i].eligible(now))
+        };
+        let tier = [(true, true), (true, false), (false, true), (false, false)]
+            .into_iter()
+            .find(|&(h, a)| (0..endpoints.len()).any(|i| ok(i, h, a)))
+            .unwrap_or((false, false));
+        let available = |i: usize| ok(i, tier.0, tier.1);
         match self {
             Balancer::RoundRobin(rr) => rr.pick(available),
             Balancer::LeastRequest => {

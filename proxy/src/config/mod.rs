@@ -15,6 +15,12 @@ pub use duration::parse_duration;
 pub use load::{ConfigError, load_file, parse_yaml};
 pub use model::*;
 
+pub use crate::health::{HealthCheckConfig, ProbeKind};
+pub use crate::resilience::breaker::BreakerConfig;
+pub use crate::resilience::budget::BudgetConfig;
+pub use crate::resilience::outlier::OutlierConfig;
+pub use crate::resilience::retry::{RetryOn, RetryPolicy};
+
 /// Default time in-flight work gets to finish after SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a client gets to send complete request headers.
@@ -63,6 +69,10 @@ impl ListenerKind {
 pub struct Route {
     pub matcher: RouteMatch,
     pub backends: Vec<Backend>,
+    /// Time allowed from the request's arrival to the response headers, retries included
+    /// (504 past it). `None`: no limit, so streams are never cut.
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
 }
 
 /// What a request must look like for a route to apply; every present part must match.
@@ -94,6 +104,9 @@ pub struct Service {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub endpoints: Vec<EndpointConfig>,
+    pub circuit_breaker: BreakerConfig,
+    pub outlier_detection: Option<OutlierConfig>,
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

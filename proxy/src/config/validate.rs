@@ -188,6 +188,9 @@ fn validate_service(at: &str, s: &RawService) -> Result<Service, ConfigError> {
         connect_timeout,
         idle_timeout,
         endpoints,
+        circuit_breaker: policy::breaker(at, s.circuit_breaker.as_ref())?,
+        outlier_detection: policy::outlier(at, s.outlier_detection.as_ref())?,
+        health_check: policy::health_check(at, s.health_check.as_ref())?,
     })
 }
 
@@ -233,7 +236,12 @@ fn validate_route(
             weight,
         });
     }
-    Ok(Route { matcher, backends })
+    Ok(Route {
+        matcher,
+        backends,
+        timeout: policy::route_timeout(at, r)?,
+        retry: policy::retry(&format!("{at}.retry"), r.retry.as_ref())?,
+    })
 }
 
 fn validate_match(at: &str, m: &RawMatch) -> Result<RouteMatch, ConfigError> {
@@ -332,12 +340,18 @@ fn parse_addr(at: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-fn opt_duration(at: &str, text: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+pub(super) fn opt_duration(
+    at: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match text {
         None => Ok(default),
         Some(t) => parse_duration(t).map_err(|reason| ConfigError::field(at, reason)),
     }
 }
+
+mod policy;
 
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::pool::Lease;
 use crate::balance::InFlight;
+use crate::resilience::breaker::Permit;
 
 /// What the proxy answers with: a forwarded upstream body or its own short body.
 pub type ProxyBody = Either<Tracked, Full<Bytes>>;
@@ -35,6 +36,8 @@ pin_project_lite::pin_project! {
 
 struct Done {
     _in_flight: InFlight,
+    /// The service's `max_requests` slot, held until the response ends.
+    _permit: Option<Permit>,
     duration: Histogram,
     start: Instant,
 }
@@ -50,11 +53,13 @@ impl Tracked {
         inner: Incoming,
         lease: Option<Lease>,
         in_flight: InFlight,
+        permit: Option<Permit>,
         duration: Histogram,
         start: Instant,
     ) -> Self {
         let done = Some(Done {
             _in_flight: in_flight,
+            _permit: permit,
             duration,
             start,
         });

@@ -3,18 +3,25 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::Either;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::{ProxyBody, Tracked, full};
 use super::headers::{add_forwarding, strip_hop_by_hop};
+use super::pool::UpstreamBody;
 use super::route;
 use crate::config::UpstreamProtocol;
-use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, ServiceRt};
+use crate::resilience::breaker::{Limit, Permit};
+use crate::resilience::outlier::Observation;
+use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason};
+use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
 
 /// What one downstream connection needs to serve requests.
@@ -42,11 +49,17 @@ impl ConnContext {
 struct Refusal {
     status: StatusCode,
     reason: String,
+    /// A circuit breaker said no: the answer carries `x-tern-overloaded: true`.
+    overloaded: bool,
 }
 
 impl Refusal {
     fn new(status: StatusCode, reason: String) -> Self {
-        Refusal { status, reason }
+        Refusal {
+            status,
+            reason,
+            overloaded: false,
+        }
     }
 }
 
@@ -69,6 +82,18 @@ pub async fn handle(
     };
     listener.metrics.count_status(response.status());
     Ok(response)
+}
+
+/// Request bodies up to this size are kept so that a retry can send them again; larger or
+/// unknown-length (streaming) bodies are sent once and never retried.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// The request body as the attempts see it.
+enum RequestBody {
+    /// Streamed from the client: one attempt can have it.
+    Stream(Option<Incoming>),
+    /// Read whole (small, known size): every attempt gets a copy.
+    Replay(Bytes),
 }
 
 async fn forward(
@@ -94,67 +119,320 @@ async fn forward(
     };
     let mut rng = fastrand::Rng::new();
     let service = route.backends.pick(&mut rng);
-    let Some(endpoint) = service.pick(&mut rng, start) else {
-        service.metrics.no_endpoints.inc();
-        let reason = format!("service {} has no endpoints\n", service.config.name);
-        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
-    };
-    let request = upstream_request(parts, body, service, endpoint, &ctx.client_ip)
-        .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
-
-    let state = &endpoint.state;
-    let in_flight = state.load.start();
-    let (response, lease) = match state.pool.send(request).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(service = %service.config.name, endpoint = %state.label, error = %e, "upstream request failed");
-            return Err(if e.is_connect() {
-                state.load.record_failure(Instant::now());
-                state.metrics.connect_failures.inc();
-                let reason = format!(
-                    "upstream service {} unavailable: {e}\n",
-                    service.config.name
-                );
-                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason)
-            } else {
-                state.metrics.resets.inc();
-                let reason = format!(
-                    "upstream service {} ({}) reset or closed the connection\n",
-                    service.config.name, state.label
-                );
-                Refusal::new(StatusCode::BAD_GATEWAY, reason)
-            });
+    // `max_requests`: the slot is held until the response body ends.
+    let permit = service
+        .shared
+        .breaker
+        .try_acquire(Limit::Requests, service.config.circuit_breaker.max_requests)
+        .map_err(|limit| overloaded(service, limit))?;
+    let deadline = route.config.timeout.map(|t| start + t);
+    let policy = route.config.retry.as_ref();
+    if let Some(budget) = &route.budget {
+        budget.deposit(start);
+    }
+    let mut body = match policy {
+        Some(_) if replayable(&body) => {
+            let limited = http_body_util::Limited::new(body, REPLAY_LIMIT as usize);
+            let collected = match deadline {
+                Some(at) => tokio::time::timeout_at(at, limited.collect())
+                    .await
+                    .map_err(|_| request_timeout(service, route))?,
+                None => limited.collect().await,
+            };
+            let bytes = collected
+                .map_err(|e| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the request body: {e}\n"),
+                    )
+                })?
+                .to_bytes();
+            RequestBody::Replay(bytes)
         }
+        _ => RequestBody::Stream(Some(body)),
     };
-    // Measured from `start`: routing and picking take well under a microsecond, so one clock
-    // read serves both the EWMA and the histogram.
-    let now = Instant::now();
-    let elapsed = now - start;
-    state.load.observe(elapsed, now);
-    service.metrics.latency.observe(elapsed.as_secs_f64());
-    state.metrics.count_status(response.status());
+    let method = parts.method.clone();
+    let mut template = Some(parts);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retrier = Retrier {
+        policy,
+        retries: 0,
+        _slot: None,
+    };
+    loop {
+        let attempt_start = Instant::now();
+        let Some((index, endpoint)) = service.pick_avoiding(&mut rng, attempt_start, &tried) else {
+            service.metrics.no_endpoints.inc();
+            let reason = format!("service {} has no endpoints\n", service.config.name);
+            return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
+        };
+        tried.push(index);
+        let (parts, upstream_body) = match &mut body {
+            RequestBody::Replay(bytes) => {
+                let parts = match &template {
+                    Some(t) => clone_parts(t),
+                    None => return Err(internal("request template missing")),
+                };
+                (parts, Either::Right(Full::new(bytes.clone())))
+            }
+            RequestBody::Stream(b) => match (template.take(), b.take()) {
+                (Some(parts), Some(b)) => (parts, Either::Left(b)),
+                _ => return Err(internal("streamed request body already sent")),
+            },
+        };
+        let request = upstream_request(parts, upstream_body, service, endpoint, &ctx.client_ip)
+            .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
 
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let body = Tracked::new(
-        body,
-        lease,
-        in_flight,
-        listener.metrics.duration.clone(),
-        start,
+        let state = &endpoint.state;
+        let in_flight = state.load.start();
+        let per_try = policy
+            .and_then(|p| p.per_try_timeout)
+            .map(|t| attempt_start + t);
+        let limit = match (deadline, per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = match limit {
+            Some(at) => tokio::time::timeout_at(at, state.pool.send(request)).await,
+            None => Ok(state.pool.send(request).await),
+        };
+        let (reason, delay) = match sent {
+            Ok(Ok((response, lease))) => {
+                // One clock read serves the EWMA, the histogram and outlier detection.
+                let now = Instant::now();
+                let elapsed = now - attempt_start;
+                state.load.observe(elapsed, now);
+                service.metrics.latency.observe(elapsed.as_secs_f64());
+                state.metrics.count_status(response.status());
+                let status = response.status().as_u16();
+                service.observe(
+                    endpoint,
+                    if status >= 500 {
+                        Observation::Status(status)
+                    } else {
+                        Observation::Success
+                    },
+                    now,
+                );
+                let attempt = Attempt::Response {
+                    status,
+                    grpc_status: grpc_status(&response),
+                };
+                let retry = policy
+                    .and_then(|p| retry_reason(p, &method, attempt))
+                    .and_then(|reason| {
+                        retrier
+                            .allow(service, route, &body, deadline, &mut rng)
+                            .map(|delay| (reason, delay))
+                    });
+                match retry {
+                    Some(planned) => {
+                        // This answer is dropped unread; its connection is not reused.
+                        drop(response);
+                        drop(lease);
+                        planned
+                    }
+                    None => {
+                        let (mut parts, body) = response.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        let body = Tracked::new(
+                            body,
+                            lease,
+                            in_flight,
+                            Some(permit),
+                            listener.metrics.duration.clone(),
+                            start,
+                        );
+                        return Ok(Response::from_parts(parts, Either::Left(body)));
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(service = %service.config.name, endpoint = %state.label, error = %e, "upstream request failed");
+                if let Some(limit) = e.overloaded() {
+                    return Err(overloaded(service, limit));
+                }
+                let now = Instant::now();
+                let (attempt, refusal) = if e.is_connect() {
+                    state.load.record_failure(now);
+                    state.metrics.connect_failures.inc();
+                    service.observe(endpoint, Observation::ConnectFailure, now);
+                    let reason = format!(
+                        "upstream service {} unavailable: {e}\n",
+                        service.config.name
+                    );
+                    (
+                        Attempt::ConnectFailure,
+                        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason),
+                    )
+                } else {
+                    state.metrics.resets.inc();
+                    service.observe(endpoint, Observation::Reset, now);
+                    let reason = format!(
+                        "upstream service {} ({}) reset or closed the connection\n",
+                        service.config.name, state.label
+                    );
+                    (
+                        Attempt::Reset,
+                        Refusal::new(StatusCode::BAD_GATEWAY, reason),
+                    )
+                };
+                match policy
+                    .and_then(|p| retry_reason(p, &method, attempt))
+                    .and_then(|reason| {
+                        retrier
+                            .allow(service, route, &body, deadline, &mut rng)
+                            .map(|delay| (reason, delay))
+                    }) {
+                    Some(planned) => planned,
+                    None => return Err(refusal),
+                }
+            }
+            Err(_elapsed) => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return Err(request_timeout(service, route));
+                }
+                service.metrics.per_try_timeouts.inc();
+                service.observe(endpoint, Observation::Reset, now);
+                match policy
+                    .and_then(|p| retry_reason(p, &method, Attempt::PerTryTimeout))
+                    .and_then(|reason| {
+                        retrier
+                            .allow(service, route, &body, deadline, &mut rng)
+                            .map(|delay| (reason, delay))
+                    }) {
+                    Some(planned) => planned,
+                    None => {
+                        let reason = format!(
+                            "upstream service {} ({}) did not answer within the per-try timeout\n",
+                            service.config.name, state.label
+                        );
+                        return Err(Refusal::new(StatusCode::GATEWAY_TIMEOUT, reason));
+                    }
+                }
+            }
+        };
+        service.metrics.count_retry(reason.as_str());
+        tracing::debug!(service = %service.config.name, reason = reason.as_str(), retry = retrier.retries, ?delay, "retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The retry state of one request: how many were made, and the `max_retries` slot held.
+struct Retrier<'a> {
+    policy: Option<&'a RetryPolicy>,
+    retries: u32,
+    _slot: Option<Permit>,
+}
+
+impl Retrier<'_> {
+    /// Whether one more retry may go, and after what delay. Checks, in order: the attempts
+    /// left, a replayable body, the service's `max_retries`, the route's budget, and the time
+    /// left before the route timeout. Every refusal but the first two is counted.
+    fn allow(
+        &mut self,
+        service: &ServiceRt,
+        route: &RouteRt,
+        body: &RequestBody,
+        deadline: Option<Instant>,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Duration> {
+        let policy = self.policy?;
+        if self.retries >= policy.attempts || !matches!(body, RequestBody::Replay(_)) {
+            return None;
+        }
+        match service
+            .shared
+            .breaker
+            .try_acquire(Limit::Retries, service.config.circuit_breaker.max_retries)
+        {
+            Ok(p) => self._slot = Some(p),
+            Err(limit) => {
+                service.metrics.count_overloaded(limit);
+                return None;
+            }
+        }
+        let budget = route.budget.as_ref()?;
+        let now = Instant::now();
+        if !budget.try_withdraw(now) {
+            service.metrics.budget_exhausted.inc();
+            return None;
+        }
+        let delay = backoff(policy.backoff_base, policy.backoff_max, self.retries, rng);
+        if deadline.is_some_and(|d| now + delay >= d) {
+            return None;
+        }
+        self.retries += 1;
+        Some(delay)
+    }
+}
+
+/// Small bodies of known length (and bodiless requests) can be read whole and replayed.
+fn replayable(body: &Incoming) -> bool {
+    body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT)
+}
+
+fn clone_parts(t: &http::request::Parts) -> http::request::Parts {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = t.method.clone();
+    parts.uri = t.uri.clone();
+    parts.version = t.version;
+    parts.headers = t.headers.clone();
+    parts
+}
+
+/// `grpc-status` in response headers: a trailers-only gRPC response.
+fn grpc_status<B>(response: &Response<B>) -> Option<u32> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn overloaded(service: &ServiceRt, limit: Limit) -> Refusal {
+    service.metrics.count_overloaded(limit);
+    let mut r = Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "service {} is overloaded: circuit breaker {} reached\n",
+            service.config.name,
+            limit.as_str()
+        ),
     );
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    r.overloaded = true;
+    r
+}
+
+fn request_timeout(service: &ServiceRt, route: &RouteRt) -> Refusal {
+    service.metrics.request_timeouts.inc();
+    let limit = route.config.timeout.unwrap_or_default();
+    Refusal::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "upstream service {} did not answer within the route timeout of {limit:?}\n",
+            service.config.name
+        ),
+    )
+}
+
+fn internal(what: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("internal error: {what}\n"),
+    )
 }
 
 /// Rewrites a downstream request for the chosen endpoint's protocol: HTTP/1.1 upstreams get
 /// origin-form targets and `Host`; HTTP/2 upstreams get absolute URIs (`:authority`).
 fn upstream_request(
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: UpstreamBody,
     service: &ServiceRt,
     endpoint: &Endpoint,
     client_ip: &HeaderValue,
-) -> Result<Request<Incoming>, String> {
+) -> Result<Request<UpstreamBody>, String> {
     strip_hop_by_hop(&mut parts.headers);
     add_forwarding(&mut parts.headers, client_ip);
     match service.config.protocol {
@@ -215,5 +493,10 @@ fn refusal(refused: Refusal) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if refused.overloaded {
+        response
+            .headers_mut()
+            .insert("x-tern-overloaded", HeaderValue::from_static("true"));
+    }
     response
 }

@@ -17,7 +17,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::client::{ConnectError, connect_tcp};
-use crate::config::UpstreamProtocol;
+use crate::config::{BreakerConfig, UpstreamProtocol};
+use crate::resilience::breaker::{Breaker, Limit, Permit};
+
+/// A request body going upstream: streamed from the client (sent once), or buffered so
+/// that a retry can send it again.
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back. High
 /// enough that a burst of responses returning together does not churn connections (the idle
@@ -44,6 +49,10 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// A circuit breaker refused a new connection or a request waiting for one: the request
+    /// was not sent.
+    #[error("circuit breaker {}: limit reached", .0.as_str())]
+    Overloaded(Limit),
 }
 
 impl UpstreamError {
@@ -53,6 +62,13 @@ impl UpstreamError {
             self,
             UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
         )
+    }
+
+    pub fn overloaded(&self) -> Option<Limit> {
+        match self {
+            UpstreamError::Overloaded(limit) => Some(*limit),
+            _ => None,
+        }
     }
 }
 
@@ -64,14 +80,17 @@ pub struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     /// Held while dialling the HTTP/2 connection, so concurrent requests share one dial.
     h2_dial: tokio::sync::Mutex<()>,
+    /// The service's circuit breaker (shared by its endpoints) and its limits.
+    breaker: Arc<Breaker>,
+    limits: BreakerConfig,
 }
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
 }
 
@@ -80,7 +99,7 @@ struct Idle {
 #[derive(Debug)]
 pub struct Lease {
     pool: Arc<Pool>,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<UpstreamBody>,
 }
 
 impl Lease {
@@ -95,6 +114,8 @@ impl Pool {
         protocol: UpstreamProtocol,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        breaker: Arc<Breaker>,
+        limits: BreakerConfig,
     ) -> Self {
         Pool {
             addr,
@@ -104,13 +125,29 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_dial: tokio::sync::Mutex::new(()),
+            breaker,
+            limits,
         }
+    }
+
+    /// A new connection needs room under `max_connections`, and the request waiting for it
+    /// room under `max_pending_requests`; past either, fail fast rather than queue.
+    fn admit_dial(&self) -> Result<(Permit, Permit), UpstreamError> {
+        let pending = self
+            .breaker
+            .try_acquire(Limit::PendingRequests, self.limits.max_pending_requests)
+            .map_err(UpstreamError::Overloaded)?;
+        let connection = self
+            .breaker
+            .try_acquire(Limit::Connections, self.limits.max_connections)
+            .map_err(UpstreamError::Overloaded)?;
+        Ok((pending, connection))
     }
 
     /// Sends a request; for HTTP/1.1 the response comes with the connection's lease.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
         match self.protocol {
             UpstreamProtocol::Http2 => {
@@ -131,7 +168,7 @@ impl Pool {
 
     async fn send_h1(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
         // A pooled connection may have been closed by the upstream while idle. If hyper hands
         // the request back unsent, it goes out on the next idle connection or a fresh one.
@@ -164,7 +201,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open and fresh.
-    async fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    async fn checkout(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         loop {
             let idle = self.idle.lock().ok()?.pop()?;
             // Tern closes connections idle past its timeout, before the upstream's own
@@ -198,7 +235,7 @@ impl Pool {
 
     /// Returns a connection whose response was read whole. Staleness is dealt with when a
     /// connection is taken ([`Pool::checkout`]) and by [`Pool::sweep`], not here on the hot path.
-    fn put_back(&self, sender: http1::SendRequest<Incoming>) {
+    fn put_back(&self, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
@@ -212,8 +249,10 @@ impl Pool {
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let (pending, connection) = self.admit_dial()?;
         let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        drop(pending);
         let (sender, conn) = http1::Builder::new()
             // Flat writes for requests too; see `server::builder`.
             .writev(false)
@@ -223,13 +262,17 @@ impl Pool {
                 addr: self.addr,
                 source,
             })?;
-        spawn_connection(conn, tracing::debug_span!("upstream_h1", addr = %self.addr));
+        spawn_connection(
+            conn,
+            connection,
+            tracing::debug_span!("upstream_h1", addr = %self.addr),
+        );
         Ok(sender)
     }
 
     /// The shared HTTP/2 connection, dialled once when missing or closed (concurrent
     /// requests wait for the same dial instead of opening one each).
-    async fn h2_sender(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
         if let Some(sender) = self.open_h2() {
             return Ok(sender);
         }
@@ -237,7 +280,9 @@ impl Pool {
         if let Some(sender) = self.open_h2() {
             return Ok(sender);
         }
+        let (pending, connection) = self.admit_dial()?;
         let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        drop(pending);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
@@ -249,22 +294,27 @@ impl Pool {
                 addr: self.addr,
                 source,
             })?;
-        spawn_connection(conn, tracing::debug_span!("upstream_h2", addr = %self.addr));
+        spawn_connection(
+            conn,
+            connection,
+            tracing::debug_span!("upstream_h2", addr = %self.addr),
+        );
         if let Ok(mut slot) = self.h2.lock() {
             *slot = Some(sender.clone());
         }
         Ok(sender)
     }
 
-    fn open_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn open_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
         let slot = self.h2.lock().ok()?;
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 }
 
 /// Runs an upstream connection's IO in a task of its own until the connection closes (when
-/// the peer closes, or when its last request handle is dropped).
-fn spawn_connection<F>(conn: F, span: tracing::Span)
+/// the peer closes, or when its last request handle is dropped). The connection counts
+/// against the service's `max_connections` until then.
+fn spawn_connection<F>(conn: F, permit: Permit, span: tracing::Span)
 where
     F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
@@ -273,6 +323,7 @@ where
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
+            drop(permit);
         }
         .instrument(span),
     );

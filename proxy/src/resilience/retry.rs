@@ -85,6 +85,18 @@ pub enum Attempt {
     PerTryTimeout,
 }
 
+impl Attempt {
+    /// How the failure reads in an answer's body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attempt::Response { .. } => "error response",
+            Attempt::ConnectFailure => "connect failure",
+            Attempt::Reset => "connection reset",
+            Attempt::PerTryTimeout => "per-try timeout",
+        }
+    }
+}
+
 /// The condition that makes `attempt` worth retrying under `policy`, if any. `method` limits
 /// retries of requests that may have reached the application to idempotent methods; a
 /// connect failure never reached it, so it is retried whatever the method.

@@ -149,6 +149,9 @@ impl XdsState {
                 connect_timeout: c.connect_timeout.clone(),
                 idle_timeout: c.idle_timeout.clone(),
                 endpoints,
+                circuit_breaker: c.circuit_breaker.clone(),
+                outlier_detection: c.outlier_detection.clone(),
+                health_check: c.health_check.clone(),
             });
         }
         Assembly::Ready(RawConfig {

@@ -33,8 +33,10 @@ use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::{self as pbuf, Any};
 use prost::{Message, Name};
 
+use super::policy;
 use crate::config::{
-    RawBackend, RawEndpoint, RawLoadBalancer, RawMatch, RawRoute, RawServiceProtocol,
+    RawBackend, RawCircuitBreaker, RawEndpoint, RawHealthCheck, RawLoadBalancer, RawMatch,
+    RawOutlierDetection, RawRoute, RawServiceProtocol,
 };
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
@@ -107,6 +109,9 @@ pub struct XdsCluster {
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub endpoints: EndpointSource,
+    pub circuit_breaker: Option<RawCircuitBreaker>,
+    pub outlier_detection: Option<RawOutlierDetection>,
+    pub health_check: Option<RawHealthCheck>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -448,6 +453,13 @@ fn vhost_routes(
         if action.host_rewrite_specifier.is_some() {
             return Err(at.err(format!("{field}.route"), "host rewrites are not supported"));
         }
+        let timeout = policy::route_timeout(action.timeout.as_ref());
+        let retry = policy::retry(
+            action.retry_policy.as_ref(),
+            route.metadata.as_ref(),
+            &format!("{field}.route"),
+            &|f, r| at.err(f, r),
+        )?;
         let backends = match &action.cluster_specifier {
             Some(route_action::ClusterSpecifier::Cluster(c)) if !c.is_empty() => vec![RawBackend {
                 service: c.clone(),
@@ -489,6 +501,8 @@ fn vhost_routes(
         out.push(RawRoute {
             matcher: (matcher != RawMatch::default()).then_some(matcher),
             backends,
+            timeout,
+            retry,
         });
     }
     Ok(out)
@@ -681,6 +695,9 @@ impl TryFrom<&Cluster> for XdsCluster {
                 .map(duration_text),
             idle_timeout,
             endpoints,
+            circuit_breaker: policy::breaker(c.circuit_breakers.as_ref()),
+            outlier_detection: policy::outlier(c.outlier_detection.as_ref()),
+            health_check: policy::health_check(&c.health_checks, &|f, r| at.err(f, r))?,
         })
     }
 }

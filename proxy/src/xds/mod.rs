@@ -5,6 +5,7 @@ mod assemble;
 mod backoff;
 mod client;
 pub mod decode;
+mod policy;
 mod types;
 
 pub use assemble::{Assembly, XdsState};

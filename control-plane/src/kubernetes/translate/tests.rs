@@ -80,6 +80,9 @@ fn mesh(name: &str, protocol: RawServiceProtocol, endpoints: &[(&str, Option<u32
                 weight: *weight,
             })
             .collect(),
+        circuit_breaker: None,
+        outlier_detection: None,
+        health_check: None,
     }
 }
 
