@@ -88,7 +88,14 @@ impl Mesh {
     }
 
     fn web(&self) -> SocketAddr {
-        self.app.bound_addresses()["web"]
+        match self.app.bound_addresses().get("web") {
+            Some(addr) => *addr,
+            None => panic!(
+                "listener web is not bound; xds status: {:?}; config: {:?}",
+                self.app.xds_status(),
+                self.app.store().load().config.raw
+            ),
+        }
     }
 
     /// Rewrites the file the way editors do (write elsewhere, rename over).

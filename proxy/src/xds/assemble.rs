@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::decode::{
     EndpointSource, RouteSource, XdsCluster, XdsEndpoints, XdsListener, XdsRoutes,
 };
-use crate::config::{RawConfig, RawListener, RawListenerProtocol, RawService, RawServiceProtocol};
+use crate::config::{
+    RawConfig, RawListener, RawListenerProtocol, RawRoute, RawService, RawServiceProtocol,
+};
 
 /// Everything the proxy has accepted, by type and name.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -18,6 +20,18 @@ pub struct XdsState {
     pub routes: BTreeMap<String, XdsRoutes>,
     pub clusters: BTreeMap<String, XdsCluster>,
     pub endpoints: BTreeMap<String, XdsEndpoints>,
+}
+
+/// What [`XdsState::assemble_warm`] makes of the resources held.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warm {
+    /// The config to run.
+    pub config: RawConfig,
+    /// What is still missing, for logs and `/config_dump`.
+    pub warming: Vec<String>,
+    /// New listeners not bound yet (waiting), with no routes: checked now (address, name) so
+    /// that an invalid one is refused when it arrives, not when its routes do.
+    pub pending: Vec<RawListener>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,11 +76,29 @@ impl XdsState {
         self.endpoints.retain(|name, _| endpoints.contains(name));
     }
 
-    /// The config these resources describe, or what is still missing.
+    /// The config these resources describe, or the first thing still missing.
     pub fn assemble(&self) -> Assembly {
+        let mut warm = self.assemble_warm(None);
+        if warm.warming.is_empty() {
+            Assembly::Ready(warm.config)
+        } else {
+            Assembly::Waiting(warm.warming.swap_remove(0))
+        }
+    }
+
+    /// The config to run now, warming per resource as Envoy does: a listener whose routes,
+    /// or the clusters they name, have not arrived keeps its `previous` version (a new one is
+    /// not bound yet); a cluster whose endpoints have not arrived keeps its previous endpoints
+    /// (a new one starts with none). Nothing missing holds back anything else.
+    pub fn assemble_warm(&self, previous: Option<&RawConfig>) -> Warm {
+        let mut warming = Vec::new();
+        let mut pending = Vec::new();
+        let previous_listener =
+            |name: &str| previous.and_then(|p| p.listeners.iter().find(|l| l.name == name));
+        let previous_service =
+            |name: &str| previous.and_then(|p| p.services.iter().find(|s| s.name == name));
+
         let mut listeners = Vec::new();
-        let mut tcp_clusters = BTreeSet::new();
-        let mut used_clusters = BTreeSet::new();
         for l in self.listeners.values() {
             match l {
                 XdsListener::Api { .. } => {}
@@ -76,53 +108,72 @@ impl XdsState {
                     routes,
                     request_header_timeout,
                 } => {
-                    let routes = match routes {
-                        RouteSource::Inline(r) => r.clone(),
-                        RouteSource::Rds(rds) => match self.routes.get(rds) {
-                            Some(r) => r.routes.clone(),
-                            None => {
-                                return Assembly::Waiting(format!(
-                                    "RouteConfiguration {rds:?} of listener {name:?}"
-                                ));
-                            }
-                        },
-                    };
-                    for b in routes.iter().flat_map(|r| r.backends.iter()) {
-                        used_clusters.insert(b.service.clone());
-                    }
-                    listeners.push(RawListener {
+                    let listener = |routes: Vec<RawRoute>| RawListener {
                         name: name.clone(),
                         address: address.clone(),
                         protocol: RawListenerProtocol::Http,
                         routes,
                         service: None,
                         request_header_timeout: request_header_timeout.clone(),
-                    });
+                    };
+                    let missing = match routes {
+                        RouteSource::Inline(r) => self.missing_cluster(r, previous),
+                        RouteSource::Rds(rds) => match self.routes.get(rds) {
+                            Some(r) => self.missing_cluster(&r.routes, previous),
+                            None => Some(format!("RouteConfiguration {rds:?}")),
+                        },
+                    };
+                    match missing {
+                        None => {
+                            let routes = match routes {
+                                RouteSource::Inline(r) => r.clone(),
+                                RouteSource::Rds(rds) => self
+                                    .routes
+                                    .get(rds)
+                                    .map(|r| r.routes.clone())
+                                    .unwrap_or_default(),
+                            };
+                            listeners.push(listener(routes));
+                        }
+                        Some(what) => {
+                            warming.push(format!("{what} of listener {name:?}"));
+                            match previous_listener(name) {
+                                Some(old) => listeners.push(old.clone()),
+                                None => pending.push(listener(Vec::new())),
+                            }
+                        }
+                    }
                 }
                 XdsListener::Tcp {
                     name,
                     address,
                     cluster,
                 } => {
-                    tcp_clusters.insert(cluster.clone());
-                    used_clusters.insert(cluster.clone());
-                    listeners.push(RawListener {
+                    let listener = RawListener {
                         name: name.clone(),
                         address: address.clone(),
                         protocol: RawListenerProtocol::Tcp,
                         routes: Vec::new(),
                         service: Some(cluster.clone()),
                         request_header_timeout: None,
-                    });
+                    };
+                    if self.cluster_ready(cluster, previous) {
+                        listeners.push(listener);
+                    } else {
+                        warming.push(format!("Cluster {cluster:?} of listener {name:?}"));
+                        match previous_listener(name) {
+                            Some(old) => listeners.push(old.clone()),
+                            None => pending.push(listener),
+                        }
+                    }
                 }
             }
         }
-        if let Some(missing) = used_clusters
+        let tcp_clusters: BTreeSet<&str> = listeners
             .iter()
-            .find(|c| !self.clusters.contains_key(*c))
-        {
-            return Assembly::Waiting(format!("Cluster {missing:?}"));
-        }
+            .filter_map(|l| l.service.as_deref())
+            .collect();
+
         let mut services = Vec::with_capacity(self.clusters.len());
         for c in self.clusters.values() {
             let endpoints = match &c.endpoints {
@@ -130,18 +181,23 @@ impl XdsState {
                 EndpointSource::Eds(name) => match self.endpoints.get(name) {
                     Some(e) => e.endpoints.clone(),
                     None => {
-                        return Assembly::Waiting(format!(
+                        warming.push(format!(
                             "ClusterLoadAssignment {name:?} of cluster {:?}",
                             c.name
                         ));
+                        previous_service(&c.name)
+                            .map(|s| s.endpoints.clone())
+                            .unwrap_or_default()
                     }
                 },
             };
-            let protocol = c.protocol.unwrap_or(if tcp_clusters.contains(&c.name) {
-                RawServiceProtocol::Tcp
-            } else {
-                RawServiceProtocol::Http1
-            });
+            let protocol = c
+                .protocol
+                .unwrap_or(if tcp_clusters.contains(c.name.as_str()) {
+                    RawServiceProtocol::Tcp
+                } else {
+                    RawServiceProtocol::Http1
+                });
             services.push(RawService {
                 name: c.name.clone(),
                 protocol,
@@ -154,11 +210,71 @@ impl XdsState {
                 health_check: c.health_check.clone(),
             });
         }
-        Assembly::Ready(RawConfig {
-            admin: None,
-            drain_timeout: None,
-            listeners,
-            services,
-        })
+
+        // A listener kept from before may name a cluster that has since been removed: it gets
+        // an empty placeholder, so its requests get 503 ("no endpoints") as from Envoy.
+        let mut referenced: Vec<(String, RawServiceProtocol)> = Vec::new();
+        for l in &listeners {
+            if let Some(c) = &l.service {
+                referenced.push((c.clone(), RawServiceProtocol::Tcp));
+            }
+            for b in l.routes.iter().flat_map(|r| r.backends.iter()) {
+                referenced.push((b.service.clone(), RawServiceProtocol::Http1));
+            }
+        }
+        for (name, protocol) in referenced {
+            if services.iter().any(|s| s.name == name) {
+                continue;
+            }
+            warming.push(format!("Cluster {name:?}"));
+            services.push(RawService {
+                name,
+                protocol,
+                load_balancer: Default::default(),
+                connect_timeout: None,
+                idle_timeout: None,
+                endpoints: Vec::new(),
+                circuit_breaker: None,
+                outlier_detection: None,
+                health_check: None,
+            });
+        }
+        warming.sort();
+        warming.dedup();
+        Warm {
+            config: RawConfig {
+                admin: None,
+                drain_timeout: None,
+                listeners,
+                services,
+            },
+            warming,
+            pending,
+        }
+    }
+
+    /// The first cluster `routes` name that is not warm yet.
+    fn missing_cluster(&self, routes: &[RawRoute], previous: Option<&RawConfig>) -> Option<String> {
+        routes
+            .iter()
+            .flat_map(|r| r.backends.iter())
+            .find(|b| !self.cluster_ready(&b.service, previous))
+            .map(|b| match self.clusters.get(&b.service) {
+                Some(_) => format!("ClusterLoadAssignment of cluster {:?}", b.service),
+                None => format!("Cluster {:?}", b.service),
+            })
+    }
+
+    /// A cluster is warm when it has its endpoints: static ones, its ClusterLoadAssignment,
+    /// or those it had in the config running now.
+    fn cluster_ready(&self, name: &str, previous: Option<&RawConfig>) -> bool {
+        match self.clusters.get(name).map(|c| &c.endpoints) {
+            None => false,
+            Some(EndpointSource::Static(_)) => true,
+            Some(EndpointSource::Eds(cla)) => {
+                self.endpoints.contains_key(cla)
+                    || previous.is_some_and(|p| p.services.iter().any(|s| s.name == name))
+            }
+        }
     }
 }

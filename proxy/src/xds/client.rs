@@ -17,12 +17,13 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use super::TypeKind;
-use super::assemble::{Assembly, XdsState};
+use super::assemble::XdsState;
 use super::backoff::Backoff;
 use super::decode::{
     InvalidResource, XdsCluster, XdsEndpoints, XdsListener, XdsRoutes, decode_any,
@@ -100,6 +101,10 @@ struct Follower {
     connected: bool,
     /// Incremental protocol only: per type, the versions held when the last stream ended.
     delta_versions: Option<[HashMap<String, String>; 4]>,
+    /// Types that have had at least one response since the proxy started.
+    seen: [bool; 4],
+    /// When the first complete-enough config was assembled (for the initial fetch timeout).
+    first_seen: Option<Instant>,
 }
 
 impl Follower {
@@ -141,44 +146,73 @@ impl Follower {
             }
         }
         next.prune();
-        match next.assemble() {
-            Assembly::Waiting(what) => {
-                tracing::debug!(waiting_for = %what, "xDS update accepted; waiting for more resources before applying");
-                self.waiting = Some(what);
-                self.state = next;
-                Ok(())
+        self.seen[kind.index()] = true;
+        // The first config waits for the first answers about listeners and clusters: before
+        // them, "nothing" only means "not known yet", and a proxy must not turn ready on it.
+        if !(self.seen[TypeKind::Listener.index()] && self.seen[TypeKind::Cluster.index()]) {
+            self.waiting = Some("the first Listener and Cluster responses".into());
+            self.state = next;
+            return Ok(());
+        }
+        let warm = next.assemble_warm(self.applied.as_ref());
+        if !warm.warming.is_empty() {
+            tracing::debug!(warming = ?warm.warming, "applying what is complete; the rest is warming");
+        }
+        // Validated even when nothing changes for the data path, and with the listeners that
+        // still wait, so that an invalid resource is NACKed when it arrives rather than
+        // poisoning a later update.
+        let raw = warm.config;
+        if !warm.pending.is_empty() {
+            let mut shadow = raw.clone();
+            shadow.listeners.extend(warm.pending);
+            Config::try_from(shadow)
+                .map_err(|e| format!("the resources do not make a valid config: {e}"))?;
+        }
+        let config = Config::try_from(raw.clone())
+            .map_err(|e| format!("the resources do not make a valid config: {e}"))?;
+        self.waiting = (!warm.warming.is_empty()).then(|| warm.warming.join(", "));
+        self.update_readiness(warm.warming.is_empty());
+        if self.applied.as_ref() == Some(&raw) {
+            self.state = next;
+            return Ok(());
+        }
+        let mut versions = self.versions.clone();
+        versions[kind.index()] = version.to_string();
+        let source = format!(
+            "xds:{} node={} {}",
+            self.options.server,
+            self.options.node,
+            TypeKind::ALL
+                .iter()
+                .map(|t| format!("{}={}", t.short(), versions[t.index()]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let version = self
+            .app
+            .apply(config, source)
+            .await
+            .map_err(|e| format!("cannot apply: {e}"))?;
+        tracing::info!(version, "xDS config applied");
+        self.applied = Some(raw);
+        self.state = next;
+        self.update_readiness(self.waiting.is_none());
+        Ok(())
+    }
+
+    /// Ready once the first config has applied with nothing left warming, or, like Envoy's
+    /// `initial_fetch_timeout`, once that has taken too long (a resource that never comes
+    /// must not keep a proxy out of service forever).
+    fn update_readiness(&mut self, complete: bool) {
+        if self.app.is_ready() || self.applied.is_none() {
+            return;
+        }
+        let since = *self.first_seen.get_or_insert_with(Instant::now);
+        if complete || since.elapsed() >= INITIAL_FETCH_TIMEOUT {
+            if !complete {
+                tracing::warn!(waiting_for = ?self.waiting, "turning ready after {INITIAL_FETCH_TIMEOUT:?} with resources still missing");
             }
-            Assembly::Ready(raw) => {
-                self.waiting = None;
-                if self.applied.as_ref() == Some(&raw) {
-                    self.state = next;
-                    return Ok(());
-                }
-                let config = Config::try_from(raw.clone())
-                    .map_err(|e| format!("the resources do not make a valid config: {e}"))?;
-                let mut versions = self.versions.clone();
-                versions[kind.index()] = version.to_string();
-                let source = format!(
-                    "xds:{} node={} {}",
-                    self.options.server,
-                    self.options.node,
-                    TypeKind::ALL
-                        .iter()
-                        .map(|t| format!("{}={}", t.short(), versions[t.index()]))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
-                let version = self
-                    .app
-                    .apply(config, source)
-                    .await
-                    .map_err(|e| format!("cannot apply: {e}"))?;
-                tracing::info!(version, "xDS config applied");
-                self.applied = Some(raw);
-                self.state = next;
-                self.app.set_ready(true);
-                Ok(())
-            }
+            self.app.set_ready(true);
         }
     }
 
@@ -257,6 +291,8 @@ pub async fn run(app: App, options: XdsOptions, shutdown: CancellationToken) {
         last_error: None,
         connected: false,
         delta_versions: None,
+        seen: [false; 4],
+        first_seen: None,
     };
     follower.publish_status();
     loop {
@@ -316,6 +352,8 @@ impl From<String> for SessionEnd {
 }
 
 const REQUEST_QUEUE: usize = 16;
+/// How long a proxy waits for its first config to be complete before turning ready anyway.
+const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 fn to_set(names: impl IntoIterator<Item = String>) -> BTreeSet<String> {

@@ -207,6 +207,16 @@ impl TryFrom<&Listener> for XdsListener {
                 ));
             }
         };
+        if chain
+            .filter_chain_match
+            .as_ref()
+            .is_some_and(|m| *m != Default::default())
+        {
+            return Err(at.err(
+                "filter_chains[0].filter_chain_match",
+                "filter chain matching is not supported; the one chain must take every connection",
+            ));
+        }
         if chain.transport_socket.is_some() {
             return Err(at.err(
                 "filter_chains[0].transport_socket",
@@ -361,7 +371,43 @@ fn routes_of(
             entries.push((rank, v, domain));
         }
     }
-    entries.sort_by_key(|(rank, v, _)| (*rank, *v));
+    // Envoy: exact domains first, then suffix wildcards longest first, then `*`; ties keep
+    // the order of the virtual hosts.
+    entries.sort_by_key(|(rank, v, domain)| {
+        let specificity = if *rank == 1 {
+            usize::MAX - domain.len()
+        } else {
+            0
+        };
+        (*rank, specificity, *v)
+    });
+    // Envoy picks one virtual host, then a route in it, and answers 404 when none of its
+    // routes matches. Flattened in order, a request that matches no route of its virtual
+    // host would go on to a less specific one; refuse that rather than route differently.
+    for (i, (_, v, domain)) in entries.iter().enumerate() {
+        let vhost = &rc.virtual_hosts[*v];
+        if vhost_has_catch_all(vhost) {
+            continue;
+        }
+        let covers = |other: &str| {
+            other == "*"
+                || other
+                    .strip_prefix('*')
+                    .is_some_and(|suffix| domain.ends_with(suffix) && domain != other)
+        };
+        if let Some((_, w, other)) = entries[i + 1..]
+            .iter()
+            .find(|(_, w, other)| w != v && covers(other))
+        {
+            return Err(at.err(
+                format!("{prefix}virtual_hosts[{v}]"),
+                format!(
+                    "virtual host {:?} ({domain}) has no route for every path, so Envoy answers 404 where Tern would use virtual host {:?} ({other}); add a final catch-all route to it",
+                    vhost.name, rc.virtual_hosts[*w].name
+                ),
+            ));
+        }
+    }
     let mut out = Vec::new();
     for (_, v, domain) in entries {
         let vhost = &rc.virtual_hosts[v];
@@ -381,6 +427,18 @@ fn routes_of(
         }
     }
     Ok(out)
+}
+
+/// A route that takes every request of its virtual host: a `/` (or empty) prefix and no
+/// other condition.
+fn vhost_has_catch_all(vhost: &VirtualHost) -> bool {
+    vhost.routes.iter().any(|r| {
+        r.r#match.as_ref().is_some_and(|m| {
+            matches!(&m.path_specifier, Some(route_match::PathSpecifier::Prefix(p)) if p.is_empty() || p == "/")
+                && m.headers.is_empty()
+                && m.query_parameters.is_empty()
+        })
+    })
 }
 
 fn strip_port(domain: &str) -> &str {
@@ -428,6 +486,19 @@ fn vhost_routes(
         }
         if m.runtime_fraction.is_some() {
             return Err(at.err(format!("{field}.match.runtime_fraction"), "not supported"));
+        }
+        let unsupported = [
+            ("grpc", m.grpc.is_some()),
+            ("tls_context", m.tls_context.is_some()),
+            ("cookies", !m.cookies.is_empty()),
+            ("dynamic_metadata", !m.dynamic_metadata.is_empty()),
+            ("filter_state", !m.filter_state.is_empty()),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
+            return Err(at.err(
+                format!("{field}.match.{name}"),
+                "this match condition is not supported",
+            ));
         }
         for (h, header) in m.headers.iter().enumerate() {
             let (name, value) = header_of(header, at, &format!("{field}.match.headers[{h}]"))?;
@@ -517,6 +588,14 @@ fn header_of(h: &HeaderMatcher, at: &At, field: &str) -> Result<(String, String)
     let name = h.name.to_ascii_lowercase();
     let value = match &h.header_match_specifier {
         Some(header_matcher::HeaderMatchSpecifier::ExactMatch(v)) => v.clone(),
+        Some(header_matcher::HeaderMatchSpecifier::StringMatch(s))
+            if s.ignore_case && name != ":authority" && name != "host" =>
+        {
+            return Err(at.err(
+                field,
+                "case-insensitive header value matches are not supported",
+            ));
+        }
         Some(header_matcher::HeaderMatchSpecifier::StringMatch(s)) => match &s.match_pattern {
             Some(string_matcher::MatchPattern::Exact(v)) => v.clone(),
             // `*.example.com` is the one suffix form Tern's host matching has.
@@ -727,10 +806,29 @@ fn endpoints_of(
     at: &At,
     prefix: &str,
 ) -> Result<Vec<RawEndpoint>, InvalidResource> {
-    let top = cla.endpoints.iter().map(|l| l.priority).min().unwrap_or(0);
+    let mut priorities: Vec<u32> = cla.endpoints.iter().map(|l| l.priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    // The most preferred priority with a usable endpoint; a priority whose endpoints are all
+    // unhealthy or draining fails over to the next, as in Envoy.
+    for priority in priorities {
+        let usable = endpoints_at(cla, at, prefix, priority)?;
+        if !usable.is_empty() {
+            return Ok(usable);
+        }
+    }
+    Ok(Vec::new())
+}
+
+fn endpoints_at(
+    cla: &ClusterLoadAssignment,
+    at: &At,
+    prefix: &str,
+    priority: u32,
+) -> Result<Vec<RawEndpoint>, InvalidResource> {
     let mut out: Vec<RawEndpoint> = Vec::new();
     for (l, locality) in cla.endpoints.iter().enumerate() {
-        if locality.priority != top {
+        if locality.priority != priority {
             continue;
         }
         for (e, lb) in locality.lb_endpoints.iter().enumerate() {

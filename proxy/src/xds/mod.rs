@@ -8,7 +8,7 @@ pub mod decode;
 mod policy;
 mod types;
 
-pub use assemble::{Assembly, XdsState};
+pub use assemble::{Assembly, Warm, XdsState};
 pub use backoff::Backoff;
 pub use client::{XdsOptions, XdsProtocol, run};
 pub use types::TypeKind;
