@@ -24,6 +24,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::json;
 use tern_proxy::xds::TypeKind;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
@@ -132,13 +133,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // However the run ends (deadline, SIGTERM from `timeout`, ^C), its future is dropped,
+    // which kills the control plane (`kill_on_drop`) and removes the working directory.
     let outcome = runtime.block_on(async {
         let deadline = args.deadline;
-        match tokio::time::timeout(deadline, run(&args)).await {
-            Ok(result) => result,
-            Err(_) => Err(anyhow::anyhow!(
-                "the run did not finish within {deadline:?}"
-            )),
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::time::timeout(deadline, run(&args)) => match result {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("the run did not finish within {deadline:?}")),
+            },
+            _ = terminate.recv() => Err(anyhow::anyhow!("terminated (SIGTERM)")),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     });
     // Streams still blocked on a dead control plane must not hold the exit up.

@@ -66,11 +66,17 @@ for r in $(seq 1 "$ROUNDS"); do
     for p in "${order[@]}"; do
         log "  $p"
         set +e
-        line="$(timeout -k 5 "$RUN_SECS" taskset -c "$LOADGEN_CPU" "$XDS_LOAD" \
+        timeout -k 5 "$RUN_SECS" taskset -c "$LOADGEN_CPU" "$XDS_LOAD" \
             --control-plane "$CONTROL_PLANE" --cp-cpu "$CP_CPU" --protocol "$p" \
-            --deadline "$((RUN_SECS - 10))s" "$@")"
+            --deadline "$((RUN_SECS - 10))s" "$@" >"$TMP/out.json" &
+        pid=$!
+        wait "$pid"
         status=$?
+        # `timeout` leads a process group of its own: stop whatever is left in it (a control
+        # plane whose parent was killed before it could stop it).
+        kill -KILL -- "-$pid" 2>/dev/null || true
         set -e
+        line="$(tail -n 1 "$TMP/out.json")"
         if [ "$status" -ne 0 ] || [ -z "$line" ]; then
             failed=$((failed + 1))
             log "  $p failed (exit $status)"

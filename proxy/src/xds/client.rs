@@ -356,6 +356,15 @@ const REQUEST_QUEUE: usize = 16;
 const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// Queues a request on the stream. Awaiting (rather than dropping when full) matters: a lost
+/// ACK would leave that type waiting forever on a server that sends nothing new until ACKed.
+async fn send<T>(tx: &mpsc::Sender<T>, req: T) -> Result<(), SessionEnd> {
+    tx.send(req).await.map_err(|_| SessionEnd {
+        reason: "the request stream closed".into(),
+        received: true,
+    })
+}
+
 fn to_set(names: impl IntoIterator<Item = String>) -> BTreeSet<String> {
     names.into_iter().collect()
 }
@@ -367,11 +376,6 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
         .max_encoding_message_size(MAX_MESSAGE);
     let mut subscribed: [BTreeSet<String>; 4] = Default::default();
     let mut nonces: [String; 4] = Default::default();
-    let send = |tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest| {
-        // The queue holds at most a few requests per response; a full queue means the
-        // stream is stuck and will be torn down by its own error.
-        let _ = tx.try_send(req);
-    };
     // Wildcard subscriptions for the full-state types; on a reconnect also the named ones
     // already known, with the versions in force, so the server can resync in one round.
     let mut first = true;
@@ -398,7 +402,7 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                 type_url: kind.type_url(),
                 ..Default::default()
             },
-        );
+        ).await?;
         subscribed[kind.index()] = names;
         first = false;
     }
@@ -461,7 +465,7 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                 error_detail: nack,
                 ..Default::default()
             },
-        );
+        ).await?;
         for (kind, wanted) in [
             (TypeKind::Endpoint, f.state.wanted_endpoints()),
             (TypeKind::Route, f.state.wanted_routes()),
@@ -476,7 +480,7 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                         response_nonce: nonces[kind.index()].clone(),
                         ..Default::default()
                     },
-                );
+                ).await?;
                 subscribed[kind.index()] = wanted;
             }
         }
@@ -495,9 +499,6 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
     if let Some(previous) = f.delta_versions.take() {
         held = previous;
     }
-    let send = |tx: &mpsc::Sender<DeltaDiscoveryRequest>, req: DeltaDiscoveryRequest| {
-        let _ = tx.try_send(req);
-    };
     let mut first = true;
     for kind in [
         TypeKind::Cluster,
@@ -522,7 +523,7 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                 initial_resource_versions: held[kind.index()].clone(),
                 ..Default::default()
             },
-        );
+        ).await?;
         subscribed[kind.index()] = names;
         first = false;
     }
@@ -590,7 +591,7 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                 error_detail: nack,
                 ..Default::default()
             },
-        );
+        ).await?;
         for (kind, wanted) in [
             (TypeKind::Endpoint, f.state.wanted_endpoints()),
             (TypeKind::Route, f.state.wanted_routes()),
@@ -610,7 +611,7 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                         resource_names_unsubscribe: unsubscribe,
                         ..Default::default()
                     },
-                );
+                ).await?;
                 subscribed[kind.index()] = wanted;
             }
         }
