@@ -402,7 +402,8 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                 type_url: kind.type_url(),
                 ..Default::default()
             },
-        ).await?;
+        )
+        .await?;
         subscribed[kind.index()] = names;
         first = false;
     }
@@ -465,7 +466,8 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                 error_detail: nack,
                 ..Default::default()
             },
-        ).await?;
+        )
+        .await?;
         for (kind, wanted) in [
             (TypeKind::Endpoint, f.state.wanted_endpoints()),
             (TypeKind::Route, f.state.wanted_routes()),
@@ -480,7 +482,8 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                         response_nonce: nonces[kind.index()].clone(),
                         ..Default::default()
                     },
-                ).await?;
+                )
+                .await?;
                 subscribed[kind.index()] = wanted;
             }
         }
@@ -523,7 +526,8 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                 initial_resource_versions: held[kind.index()].clone(),
                 ..Default::default()
             },
-        ).await?;
+        )
+        .await?;
         subscribed[kind.index()] = names;
         first = false;
     }
@@ -591,7 +595,8 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                 error_detail: nack,
                 ..Default::default()
             },
-        ).await?;
+        )
+        .await?;
         for (kind, wanted) in [
             (TypeKind::Endpoint, f.state.wanted_endpoints()),
             (TypeKind::Route, f.state.wanted_routes()),
@@ -611,7 +616,8 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                         resource_names_unsubscribe: unsubscribe,
                         ..Default::default()
                     },
-                ).await?;
+                )
+                .await?;
                 subscribed[kind.index()] = wanted;
             }
         }

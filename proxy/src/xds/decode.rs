@@ -767,11 +767,13 @@ impl TryFrom<&Cluster> for XdsCluster {
             name: c.name.clone(),
             protocol,
             load_balancer,
-            connect_timeout: c
-                .connect_timeout
-                .as_ref()
-                .filter(|d| d.seconds > 0 || d.nanos > 0)
-                .map(duration_text),
+            // Unset means Envoy's default of 5 s, which is what the server expects.
+            connect_timeout: Some(
+                c.connect_timeout
+                    .as_ref()
+                    .filter(|d| d.seconds > 0 || d.nanos > 0)
+                    .map_or_else(|| "5000ms".to_string(), duration_text),
+            ),
             idle_timeout,
             endpoints,
             circuit_breaker: policy::breaker(c.circuit_breakers.as_ref()),

@@ -344,7 +344,7 @@ fn unknown_tern_metadata_values_are_refused() {
 }
 
 #[test]
-fn connect_timeouts_round_up_to_milliseconds_and_zero_means_default() {
+fn connect_timeouts_round_up_to_milliseconds_and_unset_means_envoys_default() {
     let with_timeout = |seconds, nanos| {
         let mut c = eds_cluster("api");
         c.connect_timeout = Some(pbuf::Duration { seconds, nanos });
@@ -353,11 +353,14 @@ fn connect_timeouts_round_up_to_milliseconds_and_zero_means_default() {
     assert_eq!(with_timeout(0, 1).as_deref(), Some("1ms"));
     assert_eq!(with_timeout(0, 1_500_000).as_deref(), Some("2ms"));
     assert_eq!(with_timeout(2, 0).as_deref(), Some("2000ms"));
-    assert_eq!(with_timeout(0, 0), None);
-    assert_eq!(with_timeout(-1, 0), None);
+    assert_eq!(with_timeout(0, 0).as_deref(), Some("5000ms"));
+    assert_eq!(with_timeout(-1, 0).as_deref(), Some("5000ms"));
     let mut c = eds_cluster("api");
     c.connect_timeout = None;
-    assert_eq!(decode(&c).unwrap().connect_timeout, None);
+    assert_eq!(
+        decode(&c).unwrap().connect_timeout.as_deref(),
+        Some("5000ms")
+    );
 }
 
 #[test]
