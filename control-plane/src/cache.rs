@@ -34,6 +34,9 @@ pub struct Resources {
     /// so that the time until every proxy ACKs it can be measured.
     pub changed_at: Instant,
     types: [ByName; 4],
+    /// Per type, the `version` at which its resources last changed. A stream that is up to
+    /// date with a type at this version has nothing to diff for it.
+    type_versions: [u64; 4],
 }
 
 impl Resources {
@@ -42,6 +45,7 @@ impl Resources {
             version: 0,
             changed_at: Instant::now(),
             types: Default::default(),
+            type_versions: [0; 4],
         }
     }
 
@@ -49,6 +53,7 @@ impl Resources {
     /// stays one copy per resource however many versions streams are still holding.
     pub fn build(config: &Config, version: u64, changed_at: Instant, previous: &Resources) -> Self {
         let mut types: [ByName; 4] = Default::default();
+        let mut reused_count = [0usize; 4];
         for (kind, packed) in resources::encode(config) {
             let before = previous.of(kind);
             let map = &mut types[kind.index()];
@@ -58,6 +63,9 @@ impl Resources {
                     .get(p.name.as_str())
                     .filter(|r| *r.version == *hash)
                     .cloned();
+                if reused.is_some() {
+                    reused_count[kind.index()] += 1;
+                }
                 let resource = reused.unwrap_or_else(|| {
                     Arc::new(Resource {
                         name: Arc::from(p.name.as_str()),
@@ -69,11 +77,26 @@ impl Resources {
                 map.insert(Arc::clone(&resource.name), resource);
             }
         }
+        // A type whose every resource was reused, with none added or removed, is unchanged.
+        let type_versions = TypeKind::ALL.map(|kind| {
+            let (i, before) = (kind.index(), previous.of(kind).len());
+            if reused_count[i] == before && types[i].len() == before {
+                previous.type_versions[i]
+            } else {
+                version
+            }
+        });
         Resources {
             version,
             changed_at,
             types,
+            type_versions,
         }
+    }
+
+    /// The version at which `kind`'s resources last changed.
+    pub fn type_version(&self, kind: TypeKind) -> u64 {
+        self.type_versions[kind.index()]
     }
 
     pub fn of(&self, kind: TypeKind) -> &ByName {
@@ -89,4 +112,29 @@ fn content_version(bytes: &[u8]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
     format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(port: u16) -> Config {
+        tern_proxy::config::parse_yaml(&format!(
+            "services:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: 127.0.0.1:{port} }} ]\n"
+        ))
+        .expect("valid mesh")
+    }
+
+    #[test]
+    fn only_changed_types_get_a_new_type_version() {
+        let v1 = Resources::build(&mesh(9001), 1, Instant::now(), &Resources::empty());
+        assert_eq!(v1.type_version(TypeKind::Cluster), 1);
+        let v2 = Resources::build(&mesh(9002), 2, Instant::now(), &v1);
+        assert_eq!(v2.type_version(TypeKind::Endpoint), 2);
+        assert_eq!(v2.type_version(TypeKind::Cluster), 1);
+        assert_eq!(v2.type_version(TypeKind::Listener), 1);
+        assert_eq!(v2.type_version(TypeKind::Route), 0, "never had any");
+        let v3 = Resources::build(&mesh(9002), 3, Instant::now(), &v2);
+        assert_eq!(v3.type_version(TypeKind::Endpoint), 2);
+    }
 }

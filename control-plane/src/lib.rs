@@ -74,7 +74,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let mut registry = Registry::with_prefix("");
+    let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let nodes = Arc::new(nodes::Nodes::default());
     let ready = Arc::new(AtomicBool::new(false));

@@ -18,6 +18,10 @@ use crate::metrics::{Metrics, ModelLabels, TypeLabels};
 pub type FileModel = Option<Arc<RawConfig>>;
 pub type KubeModel = Option<Arc<Vec<RawService>>>;
 
+/// Longer than any file system's timestamp granularity (1 s on the coarsest ones, a
+/// scheduler tick on Linux).
+const RACY: Duration = Duration::from_secs(2);
+
 /// The mesh file's listeners and services plus the services Kubernetes describes. A name in
 /// both is an error: the file must not silently shadow a cluster.
 pub fn merge(
@@ -48,6 +52,10 @@ pub async fn watch_file(
     };
     let mut last_stamp = stamp(&path);
     let mut last_text = std::fs::read_to_string(&path).unwrap_or_default();
+    // A file read less than `RACY` after its mtime may change again within the same
+    // timestamp tick, with the same length: its stamp proves nothing until it is older
+    // (Git's "racily clean" entries), so it is re-read until then.
+    let mut racy = true;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -56,12 +64,19 @@ pub async fn watch_file(
             _ = tick.tick() => {}
         }
         let now = stamp(&path);
-        if now == last_stamp {
+        if now == last_stamp && !racy {
             continue;
         }
         last_stamp = now;
+        let read_at = std::time::SystemTime::now();
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
+        };
+        racy = match now.and_then(|(modified, _)| modified) {
+            Some(modified) => read_at
+                .duration_since(modified)
+                .map_or(true, |age| age < RACY),
+            None => true,
         };
         if text == last_text {
             continue;

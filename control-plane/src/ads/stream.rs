@@ -116,13 +116,19 @@ impl Core {
         if nonce.is_empty() {
             return true;
         }
+        match &state.last_nonce {
+            // Nothing of this type sent yet: a nonce from an earlier stream (the proxy
+            // reconnected), nothing to match.
+            None => return true,
+            // A nonce is stale once a newer push is sent, answered or not (xDS spec,
+            // "Resource updates").
+            Some(last) if last != nonce => return false,
+            Some(_) => {}
+        }
         let Some(pending) = state.pending.clone() else {
-            // A nonce from an earlier stream (the proxy reconnected): nothing to match.
+            // The newest push, already answered: a subscription change at that version.
             return true;
         };
-        if pending.nonce != nonce {
-            return false;
-        }
         state.pending = None;
         let labels = TypeLabels {
             r#type: kind.short(),
@@ -181,8 +187,8 @@ impl Core {
     }
 
     fn record_push(&mut self, kind: TypeKind, nonce: String, resources: usize, cause: Cause) {
+        self.types[kind.index()].last_nonce = Some(nonce);
         self.types[kind.index()].pending = Some(Pending {
-            nonce,
             version: self.current.version,
             changed_at: self.current.changed_at,
         });
@@ -206,10 +212,16 @@ impl Core {
         if current.version == 0 || !state.requested || state.pending.is_some() {
             return None;
         }
-        let diff = state.diff(current.of(kind));
         // The first request of a wildcard type always gets an answer, even an empty one, so
         // the proxy knows it has the whole (empty) state.
         let first = state.acked_version.is_none() && state.sent.is_empty() && state.wildcard;
+        // Nothing of this type changed since the stream was last brought up to date with it.
+        let type_version = current.type_version(kind);
+        if state.up_to_date_at == Some(type_version) && !first {
+            return None;
+        }
+        state.up_to_date_at = Some(type_version);
+        let diff = state.diff(current.of(kind));
         let resources = if kind.is_full_state() {
             if diff.is_empty() && !first {
                 return None;
@@ -246,8 +258,13 @@ impl Core {
         if current.version == 0 || !state.requested || state.pending.is_some() {
             return None;
         }
-        let diff = state.diff(current.of(kind));
         let first = state.acked_version.is_none() && state.sent.is_empty() && state.wildcard;
+        let type_version = current.type_version(kind);
+        if state.up_to_date_at == Some(type_version) && !first {
+            return None;
+        }
+        state.up_to_date_at = Some(type_version);
+        let diff = state.diff(current.of(kind));
         if diff.is_empty() && !first {
             return None;
         }

@@ -22,15 +22,20 @@ pub struct TypeState {
     /// A push awaiting its ACK or NACK; nothing newer is sent until it is answered, so a stream
     /// that stops reading or answering gets at most one response per type in flight.
     pub pending: Option<Pending>,
+    /// The nonce of the newest push of this type; any other nonce is stale.
+    pub last_nonce: Option<String>,
     /// Has the client made a request for this type at all?
     pub requested: bool,
     pub acked_version: Option<String>,
     pub last_nack: Option<String>,
+    /// The type version (`Resources::type_version`) this stream was last brought up to date
+    /// with under its current subscription: while the snapshot's type version is still this
+    /// one, there is nothing to diff. `None` whenever the subscription changes.
+    pub up_to_date_at: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Pending {
-    pub nonce: String,
     pub version: u64,
     pub changed_at: Instant,
 }
@@ -56,12 +61,19 @@ impl TypeState {
         if first && names.is_empty() {
             self.legacy_wildcard = true;
         }
-        self.wildcard =
-            names.iter().any(|n| n == "*") || (self.legacy_wildcard && names.is_empty());
+        let wildcard = names.iter().any(|n| n == "*") || (self.legacy_wildcard && names.is_empty());
         if !names.is_empty() {
             self.legacy_wildcard = false;
         }
-        self.names = names.iter().filter(|n| *n != "*").cloned().collect();
+        // Every ACK repeats the subscription, usually unchanged and in the same (sorted)
+        // order: then there is nothing to rebuild or forget.
+        let explicit = names.iter().filter(|n| *n != "*");
+        if !first && wildcard == self.wildcard && self.names.iter().eq(explicit.clone()) {
+            return;
+        }
+        self.wildcard = wildcard;
+        self.names = explicit.cloned().collect();
+        self.up_to_date_at = None;
         self.forget_unsubscribed();
     }
 
@@ -88,6 +100,9 @@ impl TypeState {
                 self.names.remove(name);
             }
         }
+        if first || !subscribe.is_empty() || !unsubscribe.is_empty() {
+            self.up_to_date_at = None;
+        }
         if !subscribe.is_empty() && self.legacy_wildcard && !subscribe.iter().any(|n| n == "*") {
             // Naming resources ends a legacy wildcard (spec: "Explicitly subscribing to
             // resources" after an implicit wildcard subscription).
@@ -113,9 +128,17 @@ impl TypeState {
     /// What differs between the client's view and `current`, for the subscribed names.
     pub fn diff(&self, current: &ByName) -> Diff {
         let mut diff = Diff::default();
+        // How many of the client's resources are still visible to it in `current`: when that
+        // is all of them, nothing was removed and the search for removals is skipped.
+        let mut still_there = 0;
         let mut consider = |resource: &Arc<Resource>| match self.sent.get(&resource.name) {
-            Some(v) if **v == *resource.version => {}
-            _ => diff.changed.push(Arc::clone(resource)),
+            Some(v) => {
+                still_there += 1;
+                if **v != *resource.version {
+                    diff.changed.push(Arc::clone(resource));
+                }
+            }
+            None => diff.changed.push(Arc::clone(resource)),
         };
         if self.wildcard {
             current
@@ -130,14 +153,16 @@ impl TypeState {
                 consider(r);
             }
         }
-        for name in self.sent.keys() {
-            let gone = match current.get(name) {
-                None => true,
-                // Still there, but only for clients naming it.
-                Some(r) => r.named_only && !self.names.contains(&**name),
-            };
-            if gone && self.subscribed(name) {
-                diff.removed.push(Arc::clone(name));
+        if still_there < self.sent.len() {
+            for name in self.sent.keys() {
+                let gone = match current.get(name) {
+                    None => true,
+                    // Still there, but only for clients naming it.
+                    Some(r) => r.named_only && !self.names.contains(&**name),
+                };
+                if gone && self.subscribed(name) {
+                    diff.removed.push(Arc::clone(name));
+                }
             }
         }
         diff.removed.sort();
@@ -294,6 +319,40 @@ mod tests {
         named.set_sotw_names(&["api".into()]);
         assert_eq!(names(&named.all_subscribed(&current)), ["api"]);
         assert_eq!(names(&named.diff(&current).changed), ["api"]);
+    }
+
+    #[test]
+    fn a_repeated_subscription_keeps_the_stream_up_to_date() {
+        let mut s = TypeState::default();
+        s.set_sotw_names(&["a".into(), "b".into()]);
+        s.up_to_date_at = Some(3);
+        s.set_sotw_names(&["a".into(), "b".into()]);
+        assert_eq!(
+            s.up_to_date_at,
+            Some(3),
+            "an ACK repeating the names changes nothing"
+        );
+        s.set_sotw_names(&["b".into(), "a".into()]);
+        assert_eq!(s.names.len(), 2, "another order is the same subscription");
+        s.up_to_date_at = Some(3);
+        s.set_sotw_names(&["a".into()]);
+        assert_eq!(s.up_to_date_at, None, "a new subscription needs a new diff");
+        s.up_to_date_at = Some(3);
+        s.update_delta_names(&[], &["a".into()]);
+        assert_eq!(s.up_to_date_at, None);
+    }
+
+    #[test]
+    fn diff_finds_removals_only_when_something_is_gone() {
+        let mut s = TypeState::default();
+        s.update_delta_names(&["a".into(), "b".into()], &[]);
+        let v1: ByName = [res("a", "1"), res("b", "1")].into_iter().collect();
+        let d = s.diff(&v1);
+        s.mark_sent(&d.changed, &d.removed);
+        let v2: ByName = [res("a", "2")].into_iter().collect();
+        let d = s.diff(&v2);
+        assert_eq!(names(&d.changed), ["a"]);
+        assert_eq!(d.removed, vec![Arc::<str>::from("b")]);
     }
 
     #[test]
