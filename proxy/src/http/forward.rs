@@ -166,7 +166,10 @@ async fn forward(
             let reason = format!("service {} has no endpoints\n", service.config.name);
             return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
         };
-        tried.push(index);
+        // Only a retry reads it: without a policy, no allocation per request.
+        if policy.is_some() {
+            tried.push(index);
+        }
         let (parts, upstream_body) = match &mut body {
             RequestBody::Replay(bytes) => {
                 let parts = match &template {

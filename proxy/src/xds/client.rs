@@ -256,25 +256,27 @@ impl Follower {
     }
 
     async fn handle(&mut self, kind: TypeKind, update: Update, version: &str) -> Option<RpcStatus> {
-        let result = self.accept(kind, update, version).await;
-        let nack = match result {
+        match self.accept(kind, update, version).await {
             Ok(()) => {
                 self.versions[kind.index()] = version.to_string();
+                self.publish_status();
                 None
             }
-            Err(reason) => {
-                tracing::warn!(r#type = kind.short(), version, %reason, "rejecting xDS update (NACK); the running config stays");
-                self.app.metrics().count_xds_nack();
-                self.last_error = Some(reason.clone());
-                Some(RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: reason,
-                    details: Vec::new(),
-                })
-            }
-        };
+            Err(reason) => Some(self.reject(kind, reason)),
+        }
+    }
+
+    /// A NACK: logged, counted, shown in `/config_dump`; the running config stays.
+    fn reject(&mut self, kind: TypeKind, reason: String) -> RpcStatus {
+        tracing::warn!(r#type = kind.short(), %reason, "rejecting xDS update (NACK); the running config stays");
+        self.app.metrics().count_xds_nack();
+        self.last_error = Some(reason.clone());
         self.publish_status();
-        nack
+        RpcStatus {
+            code: tonic::Code::InvalidArgument as i32,
+            message: reason,
+            details: Vec::new(),
+        }
     }
 }
 
@@ -443,17 +445,7 @@ async fn sotw_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessio
                 };
                 f.handle(kind, update, &response.version_info).await
             }
-            Err(e) => {
-                f.app.metrics().count_xds_nack();
-                f.last_error = Some(e.to_string());
-                tracing::warn!(r#type = kind.short(), error = %e, "rejecting xDS update (NACK); the running config stays");
-                f.publish_status();
-                Some(RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: e.to_string(),
-                    details: Vec::new(),
-                })
-            }
+            Err(e) => Some(f.reject(kind, e.to_string())),
         };
         nonces[kind.index()].clone_from(&response.nonce);
         send(
@@ -566,17 +558,7 @@ async fn delta_session(f: &mut Follower, channel: Channel) -> Result<bool, Sessi
                 let update = Update::Change(items, response.removed_resources.clone());
                 f.handle(kind, update, &response.system_version_info).await
             }
-            Err(e) => {
-                f.app.metrics().count_xds_nack();
-                f.last_error = Some(e.to_string());
-                tracing::warn!(r#type = kind.short(), error = %e, "rejecting xDS update (NACK); the running config stays");
-                f.publish_status();
-                Some(RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: e.to_string(),
-                    details: Vec::new(),
-                })
-            }
+            Err(e) => Some(f.reject(kind, e.to_string())),
         };
         if nack.is_none() {
             let map = &mut held[kind.index()];

@@ -33,7 +33,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::{self as pbuf, Any};
 use prost::{Message, Name};
 
-use super::policy;
+use super::policy::{self, duration_text};
 use crate::config::{
     RawBackend, RawCircuitBreaker, RawEndpoint, RawHealthCheck, RawLoadBalancer, RawMatch,
     RawOutlierDetection, RawRoute, RawServiceProtocol,
@@ -940,13 +940,6 @@ fn string_field<'a>(s: &'a pbuf::Struct, key: &str) -> Option<&'a str> {
         Some(pbuf::value::Kind::StringValue(v)) => Some(v),
         _ => None,
     }
-}
-
-/// Tern's duration syntax, rounded up to whole milliseconds.
-fn duration_text(d: &pbuf::Duration) -> String {
-    let nanos = i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos);
-    let millis = (nanos.max(0) + 999_999) / 1_000_000;
-    format!("{millis}ms")
 }
 
 #[cfg(test)]
