@@ -157,7 +157,7 @@ async fn forward(
     let mut retrier = Retrier {
         policy,
         retries: 0,
-        _slot: None,
+        slot: None,
     };
     loop {
         let attempt_start = Instant::now();
@@ -316,9 +316,10 @@ async fn forward(
                 }
             }
         };
-        service.metrics.count_retry(reason.as_str());
         tracing::debug!(service = %service.config.name, reason = reason.as_str(), retry = retrier.retries, ?delay, "retrying");
         tokio::time::sleep(delay).await;
+        retrier.take_slot(service)?;
+        service.metrics.count_retry(reason.as_str());
     }
 }
 
@@ -326,7 +327,7 @@ async fn forward(
 struct Retrier<'a> {
     policy: Option<&'a RetryPolicy>,
     retries: u32,
-    _slot: Option<Permit>,
+    slot: Option<Permit>,
 }
 
 impl Retrier<'_> {
@@ -345,16 +346,13 @@ impl Retrier<'_> {
         if self.retries >= policy.attempts || !matches!(body, RequestBody::Replay(_)) {
             return None;
         }
-        match service
-            .shared
-            .breaker
-            .try_acquire(Limit::Retries, service.config.circuit_breaker.max_retries)
+        // A quick look now; the slot itself is taken after the backoff (`take_slot`).
+        if self.slot.is_none()
+            && service.shared.breaker.current(Limit::Retries)
+                >= service.config.circuit_breaker.max_retries
         {
-            Ok(p) => self._slot = Some(p),
-            Err(limit) => {
-                service.metrics.count_overloaded(limit);
-                return None;
-            }
+            service.metrics.count_overloaded(Limit::Retries);
+            return None;
         }
         let budget = route.budget.as_ref()?;
         let now = Instant::now();
@@ -368,6 +366,24 @@ impl Retrier<'_> {
         }
         self.retries += 1;
         Some(delay)
+    }
+
+    /// Takes the `max_retries` slot for the attempt about to go (a request keeps one slot
+    /// across its retries). Taken after the backoff, not before: `max_retries` bounds
+    /// retries loading the upstream, and one waiting out its backoff loads nothing. Holding
+    /// it through the backoff made a single failing endpoint overflow the cap whenever a few
+    /// clients met it at once, while their other requests finished in a millisecond.
+    fn take_slot(&mut self, service: &ServiceRt) -> Result<(), Refusal> {
+        if self.slot.is_some() {
+            return Ok(());
+        }
+        let permit = service
+            .shared
+            .breaker
+            .try_acquire(Limit::Retries, service.config.circuit_breaker.max_retries)
+            .map_err(|limit| overloaded(service, limit))?;
+        self.slot = Some(permit);
+        Ok(())
     }
 }
 
