@@ -10,12 +10,13 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["direct", "nginx", "haproxy", "tern", "tern_b"]
+ORDER = ["direct", "nginx", "haproxy", "tern", "tern_policy", "tern_b"]
 LABEL = {
     "direct": "direct (upstream nginx)",
     "nginx": "nginx 1 worker",
     "haproxy": "HAProxy 1 thread",
     "tern": "tern-proxy",
+    "tern_policy": "tern-proxy + resilience policies",
     "tern_b": "tern-proxy B (TERN_BIN_B)",
 }
 
@@ -56,9 +57,9 @@ def main():
     print(f"HTTP/1.1: max throughput `wrk -t1 -c32`; latency at a fixed {rate} req/s "
           "`oha -c16 --latency-correction`; CPU and RSS of the proxy process(es) "
           "(for `direct`: of the upstream).\n")
-    print("| target | max req/s | × direct | × nginx | p50 ms @fixed | p99 ms @fixed "
+    print("| target | max req/s | × direct | × nginx | × tern | p50 ms @fixed | p99 ms @fixed "
           "| p99 added ms | CPU % @fixed | RSS idle MiB | RSS after MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in targets:
         kib = lambda m: [v / 1024 for v in one(t, m)]  # noqa: E731
         print("| " + " | ".join([
@@ -66,6 +67,7 @@ def main():
             fmt(one(t, "wrk_rps"), 0),
             fmt(per_round(t, "wrk_rps", "direct", ratio), 2),
             fmt(per_round(t, "wrk_rps", "nginx", ratio), 2) if "nginx" in targets else "n/a",
+            fmt(per_round(t, "wrk_rps", "tern", ratio), 3) if t.startswith("tern") else "—",
             fmt(one(t, "fixed_p50_ms"), 3),
             fmt(one(t, "fixed_p99_ms"), 3),
             "—" if t == "direct" else fmt(per_round(t, "fixed_p99_ms", "direct", diff), 3),
@@ -87,14 +89,15 @@ def main():
         ]) + " |")
 
     print("\nHTTP/2 h2c prior knowledge: `h2load -c16 -m10` (proxies forward over HTTP/1.1):\n")
-    print("| target | req/s | × direct | × nginx |")
-    print("|---|---|---|---|")
+    print("| target | req/s | × direct | × nginx | × tern |")
+    print("|---|---|---|---|---|")
     for t in targets:
         print("| " + " | ".join([
             LABEL[t],
             fmt(one(t, "h2_rps"), 0),
             fmt(per_round(t, "h2_rps", "direct", ratio), 2),
             fmt(per_round(t, "h2_rps", "nginx", ratio), 2) if "nginx" in targets else "n/a",
+            fmt(per_round(t, "h2_rps", "tern", ratio), 3) if t.startswith("tern") else "—",
         ]) + " |")
 
     errors = {

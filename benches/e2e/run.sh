@@ -2,6 +2,8 @@
 # End-to-end load benchmark on loopback: direct to the upstream (the limit), through
 # nginx (1 worker), through HAProxy (1 thread, if installed) and through tern-proxy, with
 # the same upstream and the same load generators in the same run. Prints tables of ratios.
+# `tern-policy` is the same binary with retries, timeouts, breaker, outlier detection and
+# health checks configured: its ratio to `tern` is the cost of the resilience layers.
 #
 # Placement: load generators on core 0, upstream and proxy under test on core 1.
 # Per round and target: wrk (max HTTP/1.1 throughput), oha at a fixed rate (latency with
@@ -71,9 +73,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Free loopback ports, chosen by the kernel.
-read -r P_UP P_UP_H2 P_NGX P_NGX_H2 P_HA P_HA_H2 P_TERN P_ADMIN P_TERN_B P_ADMIN_B < <(python3 -c '
+read -r P_UP P_UP_H2 P_NGX P_NGX_H2 P_HA P_HA_H2 P_TERN P_ADMIN P_TERN_B P_ADMIN_B P_TERN_P P_ADMIN_P < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(10)]
+socks = [socket.socket() for _ in range(12)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 for s in socks: s.close()')
@@ -167,9 +169,38 @@ services:
     endpoints: [ { address: 127.0.0.1:$P_UP } ]
 EOF
 }
+# The same proxy with every resilience layer of issue 4 on (retry with budget and per-try
+# timeout, route timeout, circuit breaker, outlier detection, active health check): the
+# cost of those layers on the happy path, where no request fails.
+tern_policy_conf() { # file, admin port, listener port
+    cat >"$1" <<EOF
+admin: { address: 127.0.0.1:$2 }
+listeners:
+  - name: bench
+    address: 127.0.0.1:$3
+    protocol: http
+    routes:
+      - backends: [ { service: upstream } ]
+        timeout: 2s
+        retry: { attempts: 3, on: [5xx, connect-failure, reset], per_try_timeout: 500ms,
+                 backoff: { base: 25ms, max: 250ms }, budget: { ratio: 0.2, min_per_second: 10 } }
+services:
+  - name: upstream
+    protocol: http1
+    load_balancer: round_robin
+    connect_timeout: 1s
+    circuit_breaker: { max_connections: 1024, max_pending_requests: 128, max_requests: 1024, max_retries: 3 }
+    outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 5, consecutive_connect_failure: 5,
+                         interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50 }
+    health_check: { http: { path: /, expected_statuses: [200] }, interval: 5s, timeout: 1s,
+                    healthy_threshold: 2, unhealthy_threshold: 3 }
+    endpoints: [ { address: 127.0.0.1:$P_UP } ]
+EOF
+}
 mkdir -p "$TMP/tern"
 tern_conf "$TMP/tern/tern.yaml" "$P_ADMIN" "$P_TERN"
 tern_conf "$TMP/tern/tern-b.yaml" "$P_ADMIN_B" "$P_TERN_B"
+tern_policy_conf "$TMP/tern/tern-policy.yaml" "$P_ADMIN_P" "$P_TERN_P"
 
 # Starts a server on the server core; its pid is appended to PIDS.
 start() { # name, command...
@@ -238,6 +269,10 @@ start tern env RUST_LOG=warn "$TERN_BIN" --config "$TMP/tern/tern.yaml"
 wait_http "http://127.0.0.1:$P_ADMIN/ready" tern
 wait_http "http://127.0.0.1:$P_TERN/" tern
 TARGETS+=(tern)
+start tern_policy env RUST_LOG=warn "$TERN_BIN" --config "$TMP/tern/tern-policy.yaml"
+wait_http "http://127.0.0.1:$P_ADMIN_P/ready" tern_policy
+wait_http "http://127.0.0.1:$P_TERN_P/" tern_policy
+TARGETS+=(tern_policy)
 if [ -n "${TERN_BIN_B:-}" ]; then
     start tern_b env RUST_LOG=warn "$TERN_BIN_B" --config "$TMP/tern/tern-b.yaml"
     wait_http "http://127.0.0.1:$P_ADMIN_B/ready" tern_b
@@ -254,6 +289,8 @@ PROCS[direct]="$(proc_tree "$PID_upstream")"
 PROCS[nginx]="$(proc_tree "$PID_nginx")"
 [ -n "$HAPROXY" ] && PROCS[haproxy]="$(proc_tree "$PID_haproxy")"
 PROCS[tern]="$PID_tern"
+URL[tern_policy]="http://127.0.0.1:$P_TERN_P/"; H2URL[tern_policy]="http://127.0.0.1:$P_TERN_P/"
+PROCS[tern_policy]="$PID_tern_policy"
 URL[tern_b]="http://127.0.0.1:$P_TERN_B/"; H2URL[tern_b]="http://127.0.0.1:$P_TERN_B/"
 [ -n "${TERN_BIN_B:-}" ] && PROCS[tern_b]="$PID_tern_b"
 
