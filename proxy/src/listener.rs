@@ -118,6 +118,7 @@ async fn accept_loop(
                     Arc::clone(&store),
                     Arc::clone(&name),
                     client,
+                    tracker.clone(),
                 ));
                 let drain = drain.clone();
                 tracker.spawn(

@@ -151,6 +151,7 @@ pub struct Metrics {
     tcp_connections: Family<ListenerLabels, Counter>,
     tcp_active: Family<ListenerLabels, Gauge>,
     tcp_bytes: Family<TcpBytesLabels, Counter>,
+    upgrades: Family<ListenerLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     xds_nacks: Counter,
     retries: Family<RetryLabels, Counter>,
@@ -170,6 +171,8 @@ pub struct ListenerMetrics {
     pub tcp_active: Gauge,
     pub tcp_bytes_upstream: Counter,
     pub tcp_bytes_downstream: Counter,
+    /// HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened.
+    pub upgrades: Counter,
 }
 
 impl ListenerMetrics {
@@ -252,6 +255,7 @@ impl Metrics {
             tcp_connections: Family::default(),
             tcp_active: Family::default(),
             tcp_bytes: Family::default(),
+            upgrades: Family::default(),
             reloads: Family::default(),
             xds_nacks: Counter::default(),
             retries: Family::default(),
@@ -310,6 +314,12 @@ impl Metrics {
             "tcp_bytes",
             "Bytes forwarded on TCP listeners, by direction",
             m.tcp_bytes.clone(),
+        );
+        r.register(
+            "http_upgrades",
+            "HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened, by listener; \
+             their bytes and connections count in the tcp_* metrics",
+            m.upgrades.clone(),
         );
         r.register(
             "retries",
@@ -378,6 +388,7 @@ impl Metrics {
             tcp_bytes_downstream: self
                 .tcp_bytes
                 .get_or_create_owned(&bytes(Direction::Downstream)),
+            upgrades: self.upgrades.get_or_create_owned(&l),
         }
     }
 

@@ -49,8 +49,9 @@ pub enum ListenerRtKind {
 pub struct RouteRt {
     pub config: Route,
     pub backends: Backends,
-    /// Present when the route retries; counts requests and retries over a sliding window.
-    pub budget: Option<RetryBudget>,
+    /// Counts requests and retries over a sliding window. Every route has one: without a
+    /// policy, the safe default retries (connect failures) spend from it too.
+    pub budget: RetryBudget,
 }
 
 /// A weighted split over services; cumulative weights make a pick one random draw.
@@ -333,10 +334,10 @@ fn route_rt(route: &Route, services: &HashMap<Arc<str>, Arc<ServiceRt>>) -> Opti
             services: resolved,
             cumulative,
         },
-        budget: route
-            .retry
-            .as_ref()
-            .map(|r| RetryBudget::new(r.budget, Instant::now())),
+        budget: RetryBudget::new(
+            route.retry.as_ref().map(|r| r.budget).unwrap_or_default(),
+            Instant::now(),
+        ),
     })
 }
 

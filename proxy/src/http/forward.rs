@@ -12,15 +12,18 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::body::{ProxyBody, Tracked, full};
 use super::headers::{add_forwarding, strip_hop_by_hop};
 use super::pool::UpstreamBody;
 use super::route;
+use super::upgrade::{UpgradeKind, keep_upgrade_headers, tunnel};
 use crate::config::UpstreamProtocol;
 use crate::resilience::breaker::{Limit, Permit};
 use crate::resilience::outlier::Observation;
-use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason};
+use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe_default};
 use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
 
@@ -31,16 +34,19 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// The client's IP, formatted once per connection for `x-forwarded-for`.
     pub client_ip: HeaderValue,
+    /// Where tunnels opened by upgrades and CONNECT run, so that the drain waits for them.
+    pub tasks: TaskTracker,
 }
 
 impl ConnContext {
-    pub fn new(store: Store, listener: Arc<str>, client: SocketAddr) -> Self {
+    pub fn new(store: Store, listener: Arc<str>, client: SocketAddr, tasks: TaskTracker) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnContext {
             store,
             listener,
             client_ip,
+            tasks,
         }
     }
 }
@@ -126,11 +132,24 @@ async fn forward(
         .try_acquire(Limit::Requests, service.config.circuit_breaker.max_requests)
         .map_err(|limit| overloaded(service, limit))?;
     let deadline = route.config.timeout.map(|t| start + t);
-    let policy = route.config.retry.as_ref();
-    if let Some(budget) = &route.budget {
-        budget.deposit(start);
+    if let Some(kind) = UpgradeKind::requested(&parts.method, parts.version, &parts.headers) {
+        let upgrade = Upgrade {
+            kind,
+            parts,
+            body,
+            permit,
+            deadline,
+            start,
+        };
+        return forward_upgrade(ctx, listener, service, upgrade).await;
     }
-    let mut body = match policy {
+    let explicit = route.config.retry.as_ref();
+    let policy = Some(explicit.unwrap_or_else(|| safe_default()));
+    route.budget.deposit(start);
+    let mut body = match explicit {
+        // The safe default needs no buffer: only bodiless requests get it.
+        None if body.is_end_stream() => RequestBody::Replay(Bytes::new()),
+        None => RequestBody::Stream(Some(body)),
         Some(_) if replayable(&body) => {
             let limited = http_body_util::Limited::new(body, REPLAY_LIMIT as usize);
             let collected = match deadline {
@@ -149,7 +168,7 @@ async fn forward(
                 .to_bytes();
             RequestBody::Replay(bytes)
         }
-        _ => RequestBody::Stream(Some(body)),
+        Some(_) => RequestBody::Stream(Some(body)),
     };
     let method = parts.method.clone();
     let mut template = Some(parts);
@@ -166,10 +185,6 @@ async fn forward(
             let reason = format!("service {} has no endpoints\n", service.config.name);
             return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
         };
-        // Only a retry reads it: without a policy, no allocation per request.
-        if policy.is_some() {
-            tried.push(index);
-        }
         let (parts, upstream_body) = match &mut body {
             RequestBody::Replay(bytes) => {
                 let parts = match &template {
@@ -316,6 +331,8 @@ async fn forward(
                 }
             }
         };
+        // Pushed only when retrying: a request that succeeds first time allocates nothing.
+        tried.push(index);
         tracing::debug!(service = %service.config.name, reason = reason.as_str(), retry = retrier.retries, ?delay, "retrying");
         tokio::time::sleep(delay).await;
         retrier.take_slot(service)?;
@@ -354,9 +371,8 @@ impl Retrier<'_> {
             service.metrics.count_overloaded(Limit::Retries);
             return None;
         }
-        let budget = route.budget.as_ref()?;
         let now = Instant::now();
-        if !budget.try_withdraw(now) {
+        if !route.budget.try_withdraw(now) {
             service.metrics.budget_exhausted.inc();
             return None;
         }
@@ -387,6 +403,126 @@ impl Retrier<'_> {
     }
 }
 
+/// An upgrade or CONNECT request on its way to an endpoint.
+struct Upgrade {
+    kind: UpgradeKind,
+    parts: http::request::Parts,
+    body: Incoming,
+    permit: Permit,
+    deadline: Option<Instant>,
+    start: Instant,
+}
+
+/// Sends an upgrade or CONNECT request on a connection of its own (no retry: the request
+/// is not replayable once the endpoint may have switched protocols) and, if the endpoint
+/// accepts, hands both connections to a tunnel. Any other answer is passed back as is.
+async fn forward_upgrade(
+    ctx: &ConnContext,
+    listener: &ListenerRt,
+    service: &ServiceRt,
+    upgrade: Upgrade,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let Upgrade {
+        kind,
+        mut parts,
+        body,
+        permit,
+        deadline,
+        start,
+    } = upgrade;
+    if service.config.protocol == UpstreamProtocol::Http2 {
+        let reason = format!(
+            "service {} speaks HTTP/2; upgrades and CONNECT need an HTTP/1.1 upstream\n",
+            service.config.name
+        );
+        return Err(Refusal::new(StatusCode::BAD_GATEWAY, reason));
+    }
+    let Some(downstream) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(internal("upgrade handle missing"));
+    };
+    let protocol = match kind {
+        UpgradeKind::Upgrade => parts.headers.get(header::UPGRADE).cloned(),
+        UpgradeKind::Connect => None,
+    };
+    let target = parts.uri.clone();
+    let mut rng = fastrand::Rng::new();
+    let Some((_, endpoint)) = service.pick_avoiding(&mut rng, Instant::now(), &[]) else {
+        service.metrics.no_endpoints.inc();
+        let reason = format!("service {} has no endpoints\n", service.config.name);
+        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
+    };
+    let mut request =
+        upstream_request(parts, Either::Left(body), service, endpoint, &ctx.client_ip)
+            .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+    if kind == UpgradeKind::Connect {
+        // Authority-form stays authority-form (`upstream_request` makes origin-form paths).
+        *request.uri_mut() = target;
+    }
+    keep_upgrade_headers(protocol, request.headers_mut());
+
+    let state = &endpoint.state;
+    let in_flight = state.load.start();
+    let sent = match deadline {
+        Some(at) => tokio::time::timeout_at(at, state.pool.send_upgrade(request))
+            .await
+            .map_err(|_| {
+                service.metrics.request_timeouts.inc();
+                Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "upstream service {} did not answer the upgrade within the route timeout\n",
+                        service.config.name
+                    ),
+                )
+            })?,
+        None => state.pool.send_upgrade(request).await,
+    };
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(e) => {
+            let now = Instant::now();
+            let (observation, status) = if e.is_connect() {
+                state.metrics.connect_failures.inc();
+                (Observation::ConnectFailure, StatusCode::SERVICE_UNAVAILABLE)
+            } else {
+                state.metrics.resets.inc();
+                (Observation::Reset, StatusCode::BAD_GATEWAY)
+            };
+            service.observe(endpoint, observation, now);
+            let reason = format!("upstream service {} failed: {e}\n", service.config.name);
+            return Err(Refusal::new(status, reason));
+        }
+    };
+    state.metrics.count_status(response.status());
+    if !kind.accepted(response.status()) {
+        let (mut rparts, rbody) = response.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        let body = Tracked::new(
+            rbody,
+            None,
+            in_flight,
+            Some(permit),
+            listener.metrics.duration.clone(),
+            start,
+        );
+        return Ok(Response::from_parts(rparts, Either::Left(body)));
+    }
+    let upstream = hyper::upgrade::on(&mut response);
+    let (mut rparts, _) = response.into_parts();
+    let protocol = rparts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut rparts.headers);
+    if kind == UpgradeKind::Upgrade {
+        keep_upgrade_headers(protocol, &mut rparts.headers);
+    }
+    drop(in_flight);
+    listener.metrics.upgrades.inc();
+    let span =
+        tracing::debug_span!("tunnel", service = %service.config.name, endpoint = %state.label);
+    ctx.tasks
+        .spawn(tunnel(downstream, upstream, listener.metrics.clone(), permit).instrument(span));
+    Ok(Response::from_parts(rparts, full(Bytes::new())))
+}
+
 /// Small bodies of known length (and bodiless requests) can be read whole and replayed.
 fn replayable(body: &Incoming) -> bool {
     body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT)
@@ -398,6 +534,8 @@ fn clone_parts(t: &http::request::Parts) -> http::request::Parts {
     parts.uri = t.uri.clone();
     parts.version = t.version;
     parts.headers = t.headers.clone();
+    // Extensions carry hyper's record of the original header case, among others.
+    parts.extensions = t.extensions.clone();
     parts
 }
 

@@ -7,3 +7,4 @@ pub mod headers;
 pub mod pool;
 pub mod route;
 pub mod server;
+pub mod upgrade;

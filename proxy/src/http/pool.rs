@@ -256,6 +256,7 @@ impl Pool {
         let (sender, conn) = http1::Builder::new()
             // Flat writes for requests too; see `server::builder`.
             .writev(false)
+            .preserve_header_case(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake {
@@ -268,6 +269,38 @@ impl Pool {
             tracing::debug_span!("upstream_h1", addr = %self.addr),
         );
         Ok(sender)
+    }
+
+    /// Sends an upgrade or CONNECT request on a new connection of its own (never pooled: after
+    /// a 101 or 2xx the connection belongs to the tunnel). Take the upgraded IO from the
+    /// response with `hyper::upgrade::on`.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let (pending, connection) = self.admit_dial()?;
+        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        drop(pending);
+        let (mut sender, conn) = http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        spawn_connection(
+            conn.with_upgrades(),
+            connection,
+            tracing::debug_span!("upstream_upgrade", addr = %self.addr),
+        );
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Request {
+                addr: self.addr,
+                source,
+            })
     }
 
     /// The shared HTTP/2 connection, dialled once when missing or closed (concurrent

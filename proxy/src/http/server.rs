@@ -24,6 +24,9 @@ pub fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true)
+        // Legacy apps depend on the header case they sent; hyper keeps it per message and
+        // the upstream client (`pool.rs`) writes it back out.
+        .preserve_header_case(true)
         // One flat buffer per response instead of a header/body iovec pair: measured +4-10%
         // HTTP/1.1 throughput on loopback against writev (benches/README.md).
         .writev(false);
@@ -45,7 +48,8 @@ pub async fn serve(
     drain: CancellationToken,
 ) {
     let service = service_fn(move |req| handle(Arc::clone(&ctx), req));
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    // With upgrades: a 101 or a CONNECT 200 hands the connection to a tunnel (`upgrade.rs`).
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,

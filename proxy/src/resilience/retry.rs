@@ -73,6 +73,23 @@ pub struct RetryPolicy {
     pub budget: BudgetConfig,
 }
 
+/// What a route without a retry policy does: retry only what provably never reached the
+/// application (the connection could not be made), on another endpoint, bodiless requests
+/// only (nothing is buffered for them). 5xx answers and resets after sending are retried
+/// only when a route's policy asks for it.
+pub fn safe_default() -> &'static RetryPolicy {
+    static DEFAULT: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(|| RetryPolicy {
+        attempts: 2,
+        on: vec![RetryOn::ConnectFailure],
+        status_codes: Vec::new(),
+        per_try_timeout: None,
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(50),
+        budget: BudgetConfig::default(),
+    });
+    &DEFAULT
+}
+
 /// What one attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
