@@ -22,13 +22,15 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    ApiListener, Filter, FilterChain, Listener, filter,
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
+    listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
     WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
@@ -50,6 +52,7 @@ use crate::resilience;
 /// Well-known filter and extension names, as Envoy and gRPC expect them.
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 pub const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
+pub const HTTP_INSPECTOR_FILTER: &str = "envoy.filters.listener.http_inspector";
 pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
 pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// The `filter_metadata` key under which Tern-only cluster settings travel.
@@ -93,53 +96,89 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
         }
     }
     for listener in &config.listeners {
-        let (filter, route_config) = match &listener.kind {
-            ListenerKind::Http { routes } => {
-                let hcm = HttpConnectionManager {
-                    stat_prefix: listener.name.to_string(),
-                    route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-                        config_source: Some(ads_source()),
-                        route_config_name: listener.name.to_string(),
-                    })),
-                    http_filters: vec![router_filter()],
-                    request_headers_timeout: Some(duration(listener.header_timeout)),
-                    ..Default::default()
-                };
-                let routes = routes.iter().map(route_of).collect();
-                let rc = RouteConfiguration {
+        let http = |routes: &[tern_proxy::config::Route]| {
+            let hcm = HttpConnectionManager {
+                stat_prefix: listener.name.to_string(),
+                route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                    config_source: Some(ads_source()),
+                    route_config_name: listener.name.to_string(),
+                })),
+                http_filters: vec![router_filter()],
+                request_headers_timeout: Some(duration(listener.header_timeout)),
+                ..Default::default()
+            };
+            let rc = RouteConfiguration {
+                name: listener.name.to_string(),
+                virtual_hosts: vec![VirtualHost {
                     name: listener.name.to_string(),
-                    virtual_hosts: vec![VirtualHost {
-                        name: listener.name.to_string(),
-                        domains: vec!["*".to_string()],
-                        routes,
-                        ..Default::default()
-                    }],
+                    domains: vec!["*".to_string()],
+                    routes: routes.iter().map(route_of).collect(),
                     ..Default::default()
-                };
-                (network_filter(HCM_FILTER, pack_any(hcm)), Some(rc))
+                }],
+                ..Default::default()
+            };
+            (network_filter(HCM_FILTER, pack_any(hcm)), rc)
+        };
+        let tcp = |service: &str| {
+            let tcp = TcpProxy {
+                stat_prefix: listener.name.to_string(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(service.to_string())),
+                ..Default::default()
+            };
+            network_filter(TCP_PROXY_FILTER, pack_any(tcp))
+        };
+        let one_chain = |filter: Filter| FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        };
+        let mut encoded = Listener {
+            name: listener.name.to_string(),
+            address: Some(socket_address(listener.address)),
+            ..Default::default()
+        };
+        let route_config = match &listener.kind {
+            ListenerKind::Http { routes } => {
+                let (filter, rc) = http(routes);
+                encoded.filter_chains = vec![one_chain(filter)];
+                Some(rc)
             }
             ListenerKind::Tcp { service } => {
-                let tcp = TcpProxy {
-                    stat_prefix: listener.name.to_string(),
-                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
-                        service.to_string(),
-                    )),
+                encoded.filter_chains = vec![one_chain(tcp(service))];
+                None
+            }
+            // Protocol detection as Envoy spells it: the HTTP inspector picks the HTTP
+            // chain by ALPN-like application protocol; everything else, and connections
+            // silent past the listener filter timeout, take the default TCP chain.
+            ListenerKind::Auto {
+                routes,
+                service,
+                detect_timeout,
+            } => {
+                let (filter, rc) = http(routes);
+                encoded.listener_filters = vec![ListenerFilter {
+                    name: HTTP_INSPECTOR_FILTER.to_string(),
+                    config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                        HttpInspector::default(),
+                    ))),
                     ..Default::default()
-                };
-                (network_filter(TCP_PROXY_FILTER, pack_any(tcp)), None)
+                }];
+                encoded.listener_filters_timeout = Some(duration(*detect_timeout));
+                encoded.continue_on_listener_filters_timeout = true;
+                encoded.filter_chains = vec![FilterChain {
+                    filter_chain_match: Some(FilterChainMatch {
+                        application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                        ..Default::default()
+                    }),
+                    filters: vec![filter],
+                    ..Default::default()
+                }];
+                encoded.default_filter_chain = Some(one_chain(tcp(service)));
+                Some(rc)
             }
         };
         out.entry(TypeKind::Listener).or_default().push(Packed {
             name: listener.name.to_string(),
-            any: pack_any(Listener {
-                name: listener.name.to_string(),
-                address: Some(socket_address(listener.address)),
-                filter_chains: vec![FilterChain {
-                    filters: vec![filter],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
+            any: pack_any(encoded),
             named_only: false,
         });
         if let Some(rc) = route_config {

@@ -157,6 +157,80 @@ async fn envoy_follows_the_mesh(api: Api) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An auto listener (protocol detection) as Envoy runs it: the control plane encodes it as
+/// `http_inspector` + an HTTP chain + a default TCP chain; Envoy must accept it, route HTTP
+/// and forward a server-speaks-first connection after the detection timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_runs_an_auto_listener() -> anyhow::Result<()> {
+    let envoy_bin = match find_envoy().await {
+        Ok(path) => path,
+        Err(why) => {
+            eprintln!("SKIPPED envoy_runs_an_auto_listener: no usable Envoy binary ({why:#})");
+            return Ok(());
+        }
+    };
+    let dir = TempDir::new("tern-envoy-auto")?;
+    let a = Upstream::start("a").await?;
+    let greeter = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let greeter_addr = greeter.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = greeter.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"220 ready\r\n").await;
+                let _ = tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+    });
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mesh = dir.join("mesh.yaml");
+    let yaml = format!(
+        "listeners:\n  - name: mixed\n    address: \"{listen}\"\n    protocol: auto\n    service: raw\n    detect_timeout: 150ms\n    routes:\n      - backends: [ {{ service: api }} ]\n\
+         services:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n\
+         \x20 - name: raw\n    protocol: tcp\n    endpoints: [ {{ address: \"{greeter_addr}\" }} ]\n",
+        a.addr
+    );
+    write_atomically(&mesh, &yaml)?;
+    let control_plane = support::start_control_plane(&mesh).await?;
+    let admin = control_plane.admin_address.context("admin address")?;
+    let bootstrap = dir.join("bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        bootstrap_json("envoy-auto", Api::Sotw, control_plane.xds_address).to_string(),
+    )?;
+    let mut envoy = Envoy::start(&envoy_bin, &bootstrap, dir.path())?;
+
+    let http = eventually("HTTP through Envoy's auto listener", WAIT, || {
+        let alive = envoy.alive();
+        async move {
+            alive?;
+            let (status, body) = http_get(listen, "/hello").await?;
+            ensure!(status == StatusCode::OK && body == "a", "{status} {body:?}");
+            Ok(())
+        }
+    })
+    .await;
+    http.map_err(|e| envoy.explain(e))?;
+
+    // The client sends nothing: after the listener filter timeout Envoy takes the default
+    // chain and the server's greeting arrives.
+    let mut s = tokio::net::TcpStream::connect(listen).await?;
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut greeting),
+    )
+    .await
+    .context("no greeting through Envoy's default chain")??;
+    ensure!(&greeting == b"220 ready\r\n", "{greeting:?}");
+
+    let nacks = nack_lines(admin).await?;
+    ensure!(nacks.is_empty(), "Envoy NACKed: {nacks:?}");
+    drop(envoy);
+    control_plane.shutdown().await;
+    Ok(())
+}
+
 fn mesh_yaml(listen: SocketAddr, endpoints: &[SocketAddr]) -> String {
     let endpoints: Vec<String> = endpoints
         .iter()

@@ -15,6 +15,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod detect;
 pub mod health;
 pub mod http;
 pub mod listener;

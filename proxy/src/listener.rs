@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Listener, ListenerKind};
+use crate::detect::{self, Outcome, ServerFirstMemory};
 use crate::http::forward::ConnContext;
 use crate::http::server;
 use crate::store::Store;
@@ -67,6 +68,11 @@ pub fn start(
     let kind = match &config.kind {
         ListenerKind::Http { .. } => Kind::Http(Arc::new(server::builder(config.header_timeout))),
         ListenerKind::Tcp { .. } => Kind::Tcp,
+        ListenerKind::Auto { detect_timeout, .. } => Kind::Auto {
+            builder: Arc::new(server::builder(config.header_timeout)),
+            memory: Arc::new(ServerFirstMemory::default()),
+            timeout: *detect_timeout,
+        },
     };
     let task = tokio::spawn(
         accept_loop(listener, name, kind, store, tracker, drain, stop.clone()).instrument(span),
@@ -80,9 +86,17 @@ pub fn start(
     })
 }
 
+type HttpBuilder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
+
 enum Kind {
-    Http(Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>),
+    Http(Arc<HttpBuilder>),
     Tcp,
+    Auto {
+        builder: Arc<HttpBuilder>,
+        /// Destinations that spoke first, for this listener's lifetime.
+        memory: Arc<ServerFirstMemory>,
+        timeout: Duration,
+    },
 }
 
 async fn accept_loop(
@@ -132,6 +146,39 @@ async fn accept_loop(
                 tracker.spawn(
                     async move { crate::tcp::serve(&store, &name, stream, client).await }
                         .instrument(span),
+                );
+            }
+            Kind::Auto {
+                builder,
+                memory,
+                timeout,
+            } => {
+                let (builder, memory, timeout) =
+                    (Arc::clone(builder), Arc::clone(memory), *timeout);
+                let ctx = Arc::new(ConnContext::new(
+                    Arc::clone(&store),
+                    Arc::clone(&name),
+                    client,
+                    tracker.clone(),
+                ));
+                let (store, name, drain) = (Arc::clone(&store), Arc::clone(&name), drain.clone());
+                tracker.spawn(
+                    async move {
+                        // The destination this listener stands for; with interception it
+                        // will be the connection's original destination.
+                        let destination = stream.local_addr().unwrap_or(client);
+                        let outcome = detect::sniff(&stream, destination, &memory, timeout).await;
+                        if let Some(l) = store.load().listeners.get(&name) {
+                            l.metrics.detections[outcome.index()].inc();
+                        }
+                        tracing::debug!(outcome = outcome.as_str(), "protocol detected");
+                        match outcome {
+                            o if o.is_http() => server::serve(&builder, stream, ctx, drain).await,
+                            Outcome::Closed => {}
+                            _ => crate::tcp::serve(&store, &name, stream, client).await,
+                        }
+                    }
+                    .instrument(span),
                 );
             }
         }

@@ -96,6 +96,12 @@ pub enum FailureReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub listener: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpBytesLabels {
     pub listener: String,
     pub direction: Direction,
@@ -152,6 +158,7 @@ pub struct Metrics {
     tcp_active: Family<ListenerLabels, Gauge>,
     tcp_bytes: Family<TcpBytesLabels, Counter>,
     upgrades: Family<ListenerLabels, Counter>,
+    detections: Family<DetectLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     xds_nacks: Counter,
     retries: Family<RetryLabels, Counter>,
@@ -173,6 +180,8 @@ pub struct ListenerMetrics {
     pub tcp_bytes_downstream: Counter,
     /// HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened.
     pub upgrades: Counter,
+    /// Auto listeners: connections by detection outcome (`detect::Outcome::index`).
+    pub detections: [Counter; 7],
 }
 
 impl ListenerMetrics {
@@ -256,6 +265,7 @@ impl Metrics {
             tcp_active: Family::default(),
             tcp_bytes: Family::default(),
             upgrades: Family::default(),
+            detections: Family::default(),
             reloads: Family::default(),
             xds_nacks: Counter::default(),
             retries: Family::default(),
@@ -320,6 +330,12 @@ impl Metrics {
             "HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened, by listener; \
              their bytes and connections count in the tcp_* metrics",
             m.upgrades.clone(),
+        );
+        r.register(
+            "protocol_detections",
+            "Connections on auto listeners, by what their first bytes said (server_first: \
+             nothing within the detection timeout)",
+            m.detections.clone(),
         );
         r.register(
             "retries",
@@ -389,6 +405,12 @@ impl Metrics {
                 .tcp_bytes
                 .get_or_create_owned(&bytes(Direction::Downstream)),
             upgrades: self.upgrades.get_or_create_owned(&l),
+            detections: crate::detect::Outcome::ALL.map(|outcome| {
+                self.detections.get_or_create_owned(&DetectLabels {
+                    listener: name.to_string(),
+                    outcome: outcome.as_str(),
+                })
+            }),
         }
     }
 

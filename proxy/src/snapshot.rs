@@ -41,8 +41,17 @@ pub struct ListenerRt {
 
 #[derive(Debug)]
 pub enum ListenerRtKind {
-    Http { routes: Vec<RouteRt> },
-    Tcp { service: Arc<ServiceRt> },
+    Http {
+        routes: Vec<RouteRt>,
+    },
+    Tcp {
+        service: Arc<ServiceRt>,
+    },
+    /// Detected HTTP goes to `routes`, everything else to `service` as opaque TCP.
+    Auto {
+        routes: Vec<RouteRt>,
+        service: Arc<ServiceRt>,
+    },
 }
 
 #[derive(Debug)]
@@ -295,6 +304,15 @@ impl Snapshot {
                             .collect(),
                     },
                     ListenerKind::Tcp { service } => ListenerRtKind::Tcp {
+                        service: Arc::clone(services.get(service)?),
+                    },
+                    ListenerKind::Auto {
+                        routes, service, ..
+                    } => ListenerRtKind::Auto {
+                        routes: routes
+                            .iter()
+                            .filter_map(|r| route_rt(r, &services))
+                            .collect(),
                         service: Arc::clone(services.get(service)?),
                     },
                 };

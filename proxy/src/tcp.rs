@@ -29,7 +29,8 @@ pub async fn serve(
         let Some(l) = snapshot.listeners.get(listener).cloned() else {
             return;
         };
-        let ListenerRtKind::Tcp { service } = &l.kind else {
+        let (ListenerRtKind::Tcp { service } | ListenerRtKind::Auto { service, .. }) = &l.kind
+        else {
             return;
         };
         let service = Arc::clone(service);

@@ -78,6 +78,13 @@ listeners:
     address: 0.0.0.0:15432
     protocol: tcp
     service: postgres
+  - name: mixed
+    address: 127.0.0.1:15006
+    protocol: auto
+    service: postgres
+    detect_timeout: 150ms
+    routes:
+      - backends: [ { service: api } ]
   - name: api
     address: 127.0.0.1:0
     protocol: http
@@ -484,7 +491,7 @@ fn each_http_service_gets_an_api_listener_unless_a_listener_has_its_name() {
         panic!("ready")
     };
     let bound: BTreeSet<&str> = raw.listeners.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(bound, BTreeSet::from(["api", "db", "grpc"]));
+    assert_eq!(bound, BTreeSet::from(["api", "db", "grpc", "mixed"]));
 }
 
 /// The control plane versions each resource by a hash of its bytes and pushes those whose

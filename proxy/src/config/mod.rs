@@ -52,8 +52,18 @@ pub struct Listener {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ListenerKind {
-    Http { routes: Vec<Route> },
-    Tcp { service: Arc<str> },
+    Http {
+        routes: Vec<Route>,
+    },
+    Tcp {
+        service: Arc<str>,
+    },
+    /// Protocol detected per connection (see `detect.rs`).
+    Auto {
+        routes: Vec<Route>,
+        service: Arc<str>,
+        detect_timeout: Duration,
+    },
 }
 
 impl ListenerKind {
@@ -61,6 +71,7 @@ impl ListenerKind {
         match self {
             ListenerKind::Http { .. } => "http",
             ListenerKind::Tcp { .. } => "tcp",
+            ListenerKind::Auto { .. } => "auto",
         }
     }
 }

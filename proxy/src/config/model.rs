@@ -42,6 +42,10 @@ pub struct RawListener {
     /// How long a client may take to send its request headers, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_header_timeout: Option<String>,
+    /// Auto listeners: how long to wait for the client's first bytes before treating the
+    /// connection as a server-speaks-first protocol (default `100ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +53,9 @@ pub struct RawListener {
 pub enum RawListenerProtocol {
     Http,
     Tcp,
+    /// Detected per connection: HTTP/1 and HTTP/2 are routed with `routes`; TLS, other
+    /// bytes and server-speaks-first protocols go to `service` as opaque TCP.
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -80,18 +80,13 @@ impl TryFrom<RawConfig> for Config {
                     if l.service.is_some() {
                         return Err(ConfigError::field(
                             format!("{at}.service"),
-                            "an http listener routes with `routes`; `service` is for tcp listeners",
+                            "an http listener routes with `routes`; `service` is for tcp and auto listeners",
                         ));
                     }
-                    let mut routes = Vec::with_capacity(l.routes.len());
-                    for (j, r) in l.routes.iter().enumerate() {
-                        routes.push(validate_route(
-                            &format!("{at}.routes[{j}]"),
-                            r,
-                            &protocol_of,
-                        )?);
+                    no_detect_timeout(&at, l)?;
+                    ListenerKind::Http {
+                        routes: listener_routes(&at, l, &protocol_of)?,
                     }
-                    ListenerKind::Http { routes }
                 }
                 RawListenerProtocol::Tcp => {
                     if !l.routes.is_empty() {
@@ -100,31 +95,27 @@ impl TryFrom<RawConfig> for Config {
                             "a tcp listener has no routes; name its `service`",
                         ));
                     }
-                    let service = l.service.as_deref().ok_or_else(|| {
-                        ConfigError::field(
-                            format!("{at}.service"),
-                            "missing: a tcp listener needs a service",
-                        )
-                    })?;
-                    match protocol_of(service) {
-                        None => {
-                            return Err(ConfigError::field(
-                                format!("{at}.service"),
-                                format!("unknown service {service:?}"),
-                            ));
-                        }
-                        Some(UpstreamProtocol::Tcp) => {}
-                        Some(_) => {
-                            return Err(ConfigError::field(
-                                format!("{at}.service"),
-                                format!(
-                                    "service {service:?} speaks HTTP; a tcp listener needs a service with protocol tcp"
-                                ),
-                            ));
-                        }
-                    }
+                    no_detect_timeout(&at, l)?;
                     ListenerKind::Tcp {
-                        service: Arc::from(service),
+                        service: listener_tcp_service(&at, l, &protocol_of)?,
+                    }
+                }
+                RawListenerProtocol::Auto => {
+                    let detect_timeout = opt_duration(
+                        &format!("{at}.detect_timeout"),
+                        l.detect_timeout.as_deref(),
+                        crate::detect::DEFAULT_DETECT_TIMEOUT,
+                    )?;
+                    if detect_timeout.is_zero() || detect_timeout > Duration::from_secs(10) {
+                        return Err(ConfigError::field(
+                            format!("{at}.detect_timeout"),
+                            "must be more than 0 and at most 10s (server-first protocols wait for it)",
+                        ));
+                    }
+                    ListenerKind::Auto {
+                        routes: listener_routes(&at, l, &protocol_of)?,
+                        service: listener_tcp_service(&at, l, &protocol_of)?,
+                        detect_timeout,
                     }
                 }
             };
@@ -143,6 +134,55 @@ impl TryFrom<RawConfig> for Config {
             services,
             raw: Arc::new(raw),
         })
+    }
+}
+
+fn no_detect_timeout(at: &str, l: &RawListener) -> Result<(), ConfigError> {
+    if l.detect_timeout.is_some() {
+        return Err(ConfigError::field(
+            format!("{at}.detect_timeout"),
+            "only auto listeners detect protocols",
+        ));
+    }
+    Ok(())
+}
+
+fn listener_routes(
+    at: &str,
+    l: &RawListener,
+    protocol_of: &impl Fn(&str) -> Option<UpstreamProtocol>,
+) -> Result<Vec<Route>, ConfigError> {
+    l.routes
+        .iter()
+        .enumerate()
+        .map(|(j, r)| validate_route(&format!("{at}.routes[{j}]"), r, protocol_of))
+        .collect()
+}
+
+/// The opaque-TCP service of a tcp or auto listener: present, known, and speaking tcp.
+fn listener_tcp_service(
+    at: &str,
+    l: &RawListener,
+    protocol_of: &impl Fn(&str) -> Option<UpstreamProtocol>,
+) -> Result<Arc<str>, ConfigError> {
+    let service = l.service.as_deref().ok_or_else(|| {
+        ConfigError::field(
+            format!("{at}.service"),
+            "missing: tcp and auto listeners need a service for opaque TCP",
+        )
+    })?;
+    match protocol_of(service) {
+        None => Err(ConfigError::field(
+            format!("{at}.service"),
+            format!("unknown service {service:?}"),
+        )),
+        Some(UpstreamProtocol::Tcp) => Ok(Arc::from(service)),
+        Some(_) => Err(ConfigError::field(
+            format!("{at}.service"),
+            format!(
+                "service {service:?} speaks HTTP; opaque TCP needs a service with protocol tcp"
+            ),
+        )),
     }
 }
 

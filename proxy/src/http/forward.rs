@@ -108,7 +108,8 @@ async fn forward(
     req: Request<Incoming>,
     start: Instant,
 ) -> Result<Response<ProxyBody>, Refusal> {
-    let ListenerRtKind::Http { routes } = &listener.kind else {
+    let (ListenerRtKind::Http { routes } | ListenerRtKind::Auto { routes, .. }) = &listener.kind
+    else {
         let reason = format!("listener {} is not http\n", ctx.listener);
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
     };

@@ -107,14 +107,19 @@ impl XdsState {
                     address,
                     routes,
                     request_header_timeout,
+                    opaque,
                 } => {
                     let listener = |routes: Vec<RawRoute>| RawListener {
                         name: name.clone(),
                         address: address.clone(),
-                        protocol: RawListenerProtocol::Http,
+                        protocol: match opaque {
+                            Some(_) => RawListenerProtocol::Auto,
+                            None => RawListenerProtocol::Http,
+                        },
                         routes,
-                        service: None,
+                        service: opaque.as_ref().map(|o| o.cluster.clone()),
                         request_header_timeout: request_header_timeout.clone(),
+                        detect_timeout: opaque.as_ref().map(|o| o.detect_timeout.clone()),
                     };
                     let missing = match routes {
                         RouteSource::Inline(r) => self.missing_cluster(r, previous),
@@ -122,7 +127,13 @@ impl XdsState {
                             Some(r) => self.missing_cluster(&r.routes, previous),
                             None => Some(format!("RouteConfiguration {rds:?}")),
                         },
-                    };
+                    }
+                    .or_else(|| {
+                        opaque
+                            .as_ref()
+                            .filter(|o| !self.cluster_ready(&o.cluster, previous))
+                            .map(|o| format!("Cluster {:?}", o.cluster))
+                    });
                     match missing {
                         None => {
                             let routes = match routes {
@@ -156,6 +167,7 @@ impl XdsState {
                         routes: Vec::new(),
                         service: Some(cluster.clone()),
                         request_header_timeout: None,
+                        detect_timeout: None,
                     };
                     if self.cluster_ready(cluster, previous) {
                         listeners.push(listener);

@@ -17,11 +17,14 @@ use envoy_types::pb::envoy::config::core::v3::{
     Address, ConfigSource, HealthStatus, Metadata, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    FilterChain, FilterChainMatch, Listener, filter, listener_filter,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, RouteConfiguration, VirtualHost, header_matcher, route, route_action,
     route_match,
 };
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_filter,
 };
@@ -42,6 +45,7 @@ use crate::config::{
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const ROUTER: &str = "envoy.filters.http.router";
+const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// Weights above this are refused rather than silently scaled.
 const MAX_WEIGHT: u32 = 10_000;
@@ -56,6 +60,13 @@ pub struct InvalidResource {
     pub reason: String,
 }
 
+/// The opaque side of a listener with protocol detection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpaqueFallback {
+    pub cluster: String,
+    pub detect_timeout: String,
+}
+
 /// A Listener, as Tern will run it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum XdsListener {
@@ -66,6 +77,8 @@ pub enum XdsListener {
         address: String,
         routes: RouteSource,
         request_header_timeout: Option<String>,
+        /// Protocol detection: what is not HTTP goes to this cluster (`protocol: auto`).
+        opaque: Option<OpaqueFallback>,
     },
     Tcp {
         name: String,
@@ -188,12 +201,6 @@ impl TryFrom<&Listener> for XdsListener {
             });
         }
         let address = socket_addr(l.address.as_ref(), &at, "address")?;
-        if l.default_filter_chain.is_some() {
-            return Err(at.err(
-                "default_filter_chain",
-                "not supported; use one filter chain",
-            ));
-        }
         let chain = match l.filter_chains.as_slice() {
             [one] => one,
             [] => return Err(at.err("filter_chains", "a listener needs one filter chain")),
@@ -201,12 +208,16 @@ impl TryFrom<&Listener> for XdsListener {
                 return Err(at.err(
                     "filter_chains",
                     format!(
-                        "{} filter chains; Tern supports one per listener",
+                        "{} filter chains; Tern supports one per listener (plus a default chain \
+                         with protocol detection)",
                         l.filter_chains.len()
                     ),
                 ));
             }
         };
+        if let Some(default) = &l.default_filter_chain {
+            return auto_listener(l, chain, default, address, &at);
+        }
         if chain
             .filter_chain_match
             .as_ref()
@@ -217,61 +228,181 @@ impl TryFrom<&Listener> for XdsListener {
                 "filter chain matching is not supported; the one chain must take every connection",
             ));
         }
-        if chain.transport_socket.is_some() {
-            return Err(at.err(
-                "filter_chains[0].transport_socket",
-                "TLS termination from xDS is not supported",
-            ));
-        }
-        let Some(terminal) = chain.filters.last() else {
-            return Err(at.err("filter_chains[0].filters", "empty"));
-        };
-        if chain.filters.len() > 1 {
-            return Err(at.err(
-                "filter_chains[0].filters",
-                format!(
-                    "only a single terminal filter ({HCM} or {TCP_PROXY}) is supported, got {}",
-                    chain.filters.len()
-                ),
-            ));
-        }
-        let field = "filter_chains[0].filters[0]";
-        let Some(filter::ConfigType::TypedConfig(config)) = &terminal.config_type else {
-            return Err(at.err(format!("{field}.typed_config"), "missing"));
-        };
-        if config.type_url == HttpConnectionManager::type_url() {
-            let hcm: HttpConnectionManager = unpack(config, &at, field)?;
-            let (routes, request_header_timeout) = decode_hcm(&hcm, &at, field)?;
-            Ok(XdsListener::Http {
+        match terminal(chain, &at, "filter_chains[0]")? {
+            Terminal::Http {
+                routes,
+                request_header_timeout,
+            } => Ok(XdsListener::Http {
                 name: l.name.clone(),
                 address,
                 routes,
                 request_header_timeout,
-            })
-        } else if config.type_url == TcpProxy::type_url() {
-            let tcp: TcpProxy = unpack(config, &at, field)?;
-            let cluster = match tcp.cluster_specifier {
-                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => c,
-                Some(tcp_proxy::ClusterSpecifier::WeightedClusters(_)) => {
-                    return Err(at.err(
-                        format!("{field}.weighted_clusters"),
-                        "weighted TCP clusters are not supported",
-                    ));
-                }
-                _ => return Err(at.err(format!("{field}.cluster"), "missing")),
-            };
-            Ok(XdsListener::Tcp {
+                opaque: None,
+            }),
+            Terminal::Tcp { cluster } => Ok(XdsListener::Tcp {
                 name: l.name.clone(),
                 address,
                 cluster,
-            })
-        } else {
-            Err(at.err(
-                format!("{field}.typed_config"),
-                format!("unsupported filter {}", config.type_url),
-            ))
+            }),
         }
     }
+}
+
+/// What a filter chain ends in.
+enum Terminal {
+    Http {
+        routes: RouteSource,
+        request_header_timeout: Option<String>,
+    },
+    Tcp {
+        cluster: String,
+    },
+}
+
+fn terminal(chain: &FilterChain, at: &At, field: &str) -> Result<Terminal, InvalidResource> {
+    if chain.transport_socket.is_some() {
+        return Err(at.err(
+            format!("{field}.transport_socket"),
+            "TLS termination from xDS is not supported",
+        ));
+    }
+    let Some(terminal) = chain.filters.last() else {
+        return Err(at.err(format!("{field}.filters"), "empty"));
+    };
+    if chain.filters.len() > 1 {
+        return Err(at.err(
+            format!("{field}.filters"),
+            format!(
+                "only a single terminal filter ({HCM} or {TCP_PROXY}) is supported, got {}",
+                chain.filters.len()
+            ),
+        ));
+    }
+    let field = format!("{field}.filters[0]");
+    let Some(filter::ConfigType::TypedConfig(config)) = &terminal.config_type else {
+        return Err(at.err(format!("{field}.typed_config"), "missing"));
+    };
+    if config.type_url == HttpConnectionManager::type_url() {
+        let hcm: HttpConnectionManager = unpack(config, at, &field)?;
+        let (routes, request_header_timeout) = decode_hcm(&hcm, at, &field)?;
+        Ok(Terminal::Http {
+            routes,
+            request_header_timeout,
+        })
+    } else if config.type_url == TcpProxy::type_url() {
+        let tcp: TcpProxy = unpack(config, at, &field)?;
+        let cluster = match tcp.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => c,
+            Some(tcp_proxy::ClusterSpecifier::WeightedClusters(_)) => {
+                return Err(at.err(
+                    format!("{field}.weighted_clusters"),
+                    "weighted TCP clusters are not supported",
+                ));
+            }
+            _ => return Err(at.err(format!("{field}.cluster"), "missing")),
+        };
+        Ok(Terminal::Tcp { cluster })
+    } else {
+        Err(at.err(
+            format!("{field}.typed_config"),
+            format!("unsupported filter {}", config.type_url),
+        ))
+    }
+}
+
+/// Protocol detection as Envoy spells it: the `http_inspector` listener filter, one filter
+/// chain matching the HTTP application protocols and ending in an HTTP connection manager,
+/// and a default chain ending in a TCP proxy. `listener_filters_timeout` with
+/// `continue_on_listener_filters_timeout` is the server-speaks-first wait.
+fn auto_listener(
+    l: &Listener,
+    chain: &FilterChain,
+    default: &FilterChain,
+    address: String,
+    at: &At,
+) -> Result<XdsListener, InvalidResource> {
+    let inspects_http = l.listener_filters.iter().any(|f| {
+        f.name == HTTP_INSPECTOR
+            || matches!(&f.config_type, Some(listener_filter::ConfigType::TypedConfig(c))
+                if c.type_url == HttpInspector::type_url())
+    });
+    if !inspects_http {
+        return Err(at.err(
+            "default_filter_chain",
+            format!(
+                "supported only for protocol detection, with the {HTTP_INSPECTOR} listener filter"
+            ),
+        ));
+    }
+    if !l.continue_on_listener_filters_timeout {
+        return Err(at.err(
+            "continue_on_listener_filters_timeout",
+            "must be true: Tern forwards a connection whose client sends nothing (a \
+             server-speaks-first protocol) as opaque TCP; it never closes it",
+        ));
+    }
+    let protocols = chain
+        .filter_chain_match
+        .as_ref()
+        .map(|m| {
+            let only_protocols = FilterChainMatch {
+                application_protocols: m.application_protocols.clone(),
+                ..Default::default()
+            };
+            (*m == only_protocols).then_some(&m.application_protocols)
+        })
+        .unwrap_or(None);
+    let http_only = protocols.is_some_and(|p| {
+        !p.is_empty()
+            && p.iter()
+                .all(|p| matches!(p.as_str(), "http/1.1" | "http/1.0" | "h2c"))
+    });
+    if !http_only {
+        return Err(at.err(
+            "filter_chains[0].filter_chain_match",
+            "with a default chain, the filter chain must match only application_protocols \
+             among http/1.1, http/1.0 and h2c",
+        ));
+    }
+    if default
+        .filter_chain_match
+        .as_ref()
+        .is_some_and(|m| *m != Default::default())
+    {
+        return Err(at.err("default_filter_chain.filter_chain_match", "must be empty"));
+    }
+    let Terminal::Http {
+        routes,
+        request_header_timeout,
+    } = terminal(chain, at, "filter_chains[0]")?
+    else {
+        return Err(at.err(
+            "filter_chains[0].filters[0]",
+            format!("the HTTP chain must end in {HCM}"),
+        ));
+    };
+    let Terminal::Tcp { cluster } = terminal(default, at, "default_filter_chain")? else {
+        return Err(at.err(
+            "default_filter_chain.filters[0]",
+            format!("the default chain must end in {TCP_PROXY}"),
+        ));
+    };
+    // Envoy's default when unset.
+    let detect_timeout = l
+        .listener_filters_timeout
+        .as_ref()
+        .map(duration_text)
+        .unwrap_or_else(|| "15s".to_string());
+    Ok(XdsListener::Http {
+        name: l.name.clone(),
+        address,
+        routes,
+        request_header_timeout,
+        opaque: Some(OpaqueFallback {
+            cluster,
+            detect_timeout,
+        }),
+    })
 }
 
 fn decode_hcm(

@@ -44,6 +44,7 @@ fn http_listener_with_rds() {
             address: "127.0.0.1:8080".into(),
             routes: RouteSource::Rds("web-routes".into()),
             request_header_timeout: Some("5000ms".into()),
+            opaque: None,
         }
     );
     assert_eq!(l.name(), "web");
@@ -170,7 +171,7 @@ fn two_filter_chains_are_refused() {
     assert!(e.reason.contains("2 filter chains"), "{e}");
     assert_eq!(
         e.to_string(),
-        "Listener \"web\": filter_chains: 2 filter chains; Tern supports one per listener"
+        "Listener \"web\": filter_chains: 2 filter chains; Tern supports one per listener (plus a default chain with protocol detection)"
     );
 }
 
@@ -384,4 +385,74 @@ fn a_filter_chain_match_is_refused() {
     // An empty match selects everything: nothing to refuse.
     l.filter_chains[0].filter_chain_match = Some(FilterChainMatch::default());
     assert!(decode(&l).is_ok());
+}
+
+/// Protocol detection, Envoy's way: `http_inspector`, an HTTP chain matched by application
+/// protocol, a default TCP chain, and the listener filter timeout as the server-first wait.
+fn auto_listener(continue_on_timeout: bool, inspector: bool) -> Listener {
+    use envoy_types::pb::envoy::config::listener::v3::{
+        FilterChainMatch, ListenerFilter, listener_filter,
+    };
+    use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+    let mut l = http_listener("mixed", hcm_rds("mixed"));
+    l.filter_chains[0].filter_chain_match = Some(FilterChainMatch {
+        application_protocols: vec!["http/1.1".into(), "h2c".into()],
+        ..Default::default()
+    });
+    if inspector {
+        l.listener_filters = vec![ListenerFilter {
+            name: "envoy.filters.listener.http_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(
+                envoy_types::util::pack_any(HttpInspector::default()),
+            )),
+            ..Default::default()
+        }];
+    }
+    l.listener_filters_timeout = Some(pbuf::Duration {
+        seconds: 0,
+        nanos: 150_000_000,
+    });
+    l.continue_on_listener_filters_timeout = continue_on_timeout;
+    l.default_filter_chain = Some(FilterChain {
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(
+                envoy_types::util::pack_any(TcpProxy {
+                    stat_prefix: "mixed".into(),
+                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("db".into())),
+                    ..Default::default()
+                }),
+            )),
+        }],
+        ..Default::default()
+    });
+    l
+}
+
+#[test]
+fn protocol_detection_decodes_to_an_auto_listener() {
+    let l = decode(&auto_listener(true, true)).unwrap();
+    let XdsListener::Http { opaque, routes, .. } = l else {
+        panic!("{l:?}")
+    };
+    assert_eq!(routes, RouteSource::Rds("mixed".into()));
+    let opaque = opaque.unwrap();
+    assert_eq!(opaque.cluster, "db");
+    assert_eq!(opaque.detect_timeout, "150ms");
+}
+
+#[test]
+fn protocol_detection_that_tern_cannot_honour_is_refused_by_field() {
+    let e = decode(&auto_listener(false, true)).unwrap_err();
+    assert_eq!(e.field, "continue_on_listener_filters_timeout");
+    let e = decode(&auto_listener(true, false)).unwrap_err();
+    assert_eq!(e.field, "default_filter_chain");
+    let mut tls_match = auto_listener(true, true);
+    tls_match.filter_chains[0]
+        .filter_chain_match
+        .as_mut()
+        .unwrap()
+        .server_names = vec!["api.local".into()];
+    let e = decode(&tls_match).unwrap_err();
+    assert_eq!(e.field, "filter_chains[0].filter_chain_match");
 }
