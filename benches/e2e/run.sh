@@ -189,7 +189,9 @@ services:
     protocol: http1
     load_balancer: round_robin
     connect_timeout: 1s
-    circuit_breaker: { max_connections: 1024, max_pending_requests: 128, max_requests: 1024, max_retries: 3 }
+    # max_pending_requests above h2load's 160 streams: the happy path, not refusals (with
+    # the 128 the first burst of new upstream dials is refused, as it should be).
+    circuit_breaker: { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
     outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 5, consecutive_connect_failure: 5,
                          interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50 }
     health_check: { http: { path: /, expected_statuses: [200] }, interval: 5s, timeout: 1s,

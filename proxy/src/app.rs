@@ -131,8 +131,9 @@ impl App {
     }
 
     /// Applies a validated config: binds new listeners first (a bind failure rejects the whole
-    /// config and changes nothing), swaps the snapshot, then stops listeners that are gone.
-    /// Connections already open are never touched.
+    /// config and changes nothing), swaps the snapshot, then retires listeners that are gone
+    /// or rebound (their connections drain; see `ListenerHandle::retire`). Connections of
+    /// listeners that stay see the new config on their next request and are never touched.
     pub async fn apply(&self, config: Config, source: String) -> Result<u64, ApplyError> {
         let inner = &self.inner;
         if !inner.sweeping.swap(true, Ordering::AcqRel) {
@@ -159,7 +160,7 @@ impl App {
             if let Some(name) = holder
                 && let Some(handle) = running.remove(&name)
             {
-                handle.stop().await;
+                handle.retire().await;
                 released.push(name);
             }
         }
@@ -195,7 +196,7 @@ impl App {
 
         for (l, socket) in bound {
             if let Some(old) = running.remove(&l.name) {
-                old.stop().await;
+                old.retire().await;
             }
             match listener::start(
                 l,
@@ -220,7 +221,7 @@ impl App {
         for name in gone {
             if let Some(handle) = running.remove(&name) {
                 tracing::info!(listener = %name, "listener removed");
-                handle.stop().await;
+                handle.retire().await;
             }
         }
         if let Ok(mut b) = inner.bound.lock() {
@@ -251,7 +252,7 @@ impl App {
         self.inner.drain.cancel();
         let mut running = self.inner.listeners.lock().await;
         for (_, handle) in running.drain() {
-            handle.stop().await;
+            handle.retire().await;
         }
         self.inner.tracker.close();
         let done = tokio::time::timeout(timeout, self.inner.tracker.wait())

@@ -27,12 +27,18 @@ pub struct ListenerHandle {
     pub bound: SocketAddr,
     pub protocol: &'static str,
     stop: CancellationToken,
+    /// Fired when the listener is retired: its connections drain.
+    retired: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl ListenerHandle {
-    /// Stops accepting; connections already accepted keep running.
-    pub async fn stop(self) {
+    /// Stops accepting and drains the listener's connections: HTTP ones finish their
+    /// in-flight requests and close (GOAWAY, `Connection: close`), TCP ones and tunnels get
+    /// the drain timeout. For a listener that is removed, or rebound on a new address or
+    /// protocol. A change of routes, policies or endpoints never retires a listener.
+    pub async fn retire(self) {
+        self.retired.cancel();
         self.stop.cancel();
         let _ = self.task.await;
     }
@@ -63,6 +69,8 @@ pub fn start(
 ) -> std::io::Result<ListenerHandle> {
     let bound = listener.local_addr()?;
     let stop = drain.child_token();
+    // Connections drain with the process or when this listener is retired.
+    let retired = drain.child_token();
     let name = Arc::clone(&config.name);
     let span = tracing::info_span!("listener", name = %name, address = %bound);
     let kind = match &config.kind {
@@ -75,13 +83,23 @@ pub fn start(
         },
     };
     let task = tokio::spawn(
-        accept_loop(listener, name, kind, store, tracker, drain, stop.clone()).instrument(span),
+        accept_loop(
+            listener,
+            name,
+            kind,
+            store,
+            tracker,
+            retired.clone(),
+            stop.clone(),
+        )
+        .instrument(span),
     );
     Ok(ListenerHandle {
         configured: config.address,
         bound,
         protocol: config.kind.protocol(),
         stop,
+        retired,
         task,
     })
 }
@@ -133,6 +151,7 @@ async fn accept_loop(
                     Arc::clone(&name),
                     client,
                     tracker.clone(),
+                    drain.clone(),
                 ));
                 let drain = drain.clone();
                 tracker.spawn(
@@ -143,8 +162,9 @@ async fn accept_loop(
             Kind::Tcp => {
                 let store = Arc::clone(&store);
                 let name = Arc::clone(&name);
+                let drain = drain.clone();
                 tracker.spawn(
-                    async move { crate::tcp::serve(&store, &name, stream, client).await }
+                    async move { crate::tcp::serve(&store, &name, stream, client, drain).await }
                         .instrument(span),
                 );
             }
@@ -160,6 +180,7 @@ async fn accept_loop(
                     Arc::clone(&name),
                     client,
                     tracker.clone(),
+                    drain.clone(),
                 ));
                 let (store, name, drain) = (Arc::clone(&store), Arc::clone(&name), drain.clone());
                 tracker.spawn(
@@ -175,7 +196,7 @@ async fn accept_loop(
                         match outcome {
                             o if o.is_http() => server::serve(&builder, stream, ctx, drain).await,
                             Outcome::Closed => {}
-                            _ => crate::tcp::serve(&store, &name, stream, client).await,
+                            _ => crate::tcp::serve(&store, &name, stream, client, drain).await,
                         }
                     }
                     .instrument(span),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::client::connect_tcp;
 use crate::resilience::breaker::Limit;
@@ -18,12 +19,18 @@ use crate::store::Store;
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Forwards one accepted connection to an endpoint of the listener's service.
+///
+/// When `retired` fires (the listener was removed or rebound, or the process drains), the
+/// connection keeps flowing for the config's `drain_timeout` and is then closed: long-lived
+/// TCP connections get the same notice as HTTP requests, not an abrupt cut.
 pub async fn serve(
     store: &Store,
     listener: &Arc<str>,
     mut downstream: TcpStream,
     client: SocketAddr,
+    retired: CancellationToken,
 ) {
+    let drain_timeout = store.load().config.drain_timeout;
     let (listener_rt, service) = {
         let snapshot = store.load();
         let Some(l) = snapshot.listeners.get(listener).cloned() else {
@@ -94,7 +101,14 @@ pub async fn serve(
     let _in_flight = state.load.start();
     // `copy_bidirectional` shuts down each write side when the other side's reads end, which
     // carries a half-close through, and returns when both directions are done.
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied,
+        () = drain_deadline(&retired, drain_timeout) => {
+            tracing::info!(%client, ?drain_timeout, "listener drained: closing tcp connection");
+            return;
+        }
+    };
+    match copied {
         Ok((up, down)) => {
             metrics.tcp_bytes_upstream.inc_by(up);
             metrics.tcp_bytes_downstream.inc_by(down);
@@ -104,6 +118,12 @@ pub async fn serve(
             tracing::debug!(%client, error = %e, "tcp connection ended with an error");
         }
     }
+}
+
+/// Resolves `timeout` after `retired` fires; never before.
+pub async fn drain_deadline(retired: &CancellationToken, timeout: std::time::Duration) {
+    retired.cancelled().await;
+    tokio::time::sleep(timeout).await;
 }
 
 /// Runs `f` when dropped (even if the future is cancelled mid-copy).

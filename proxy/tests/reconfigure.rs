@@ -24,7 +24,7 @@ fn yaml(
         })
         .unwrap_or_default();
     format!(
-        "listeners:\n  - name: web\n    address: \"{web}\"\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\n{raw}services:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{http_ep}\" }} ]\n  - name: echo\n    protocol: tcp\n    endpoints: [ {{ address: \"{tcp_ep}\" }} ]\n"
+        "drain_timeout: 1s\nlisteners:\n  - name: web\n    address: \"{web}\"\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\n{raw}services:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{http_ep}\" }} ]\n  - name: echo\n    protocol: tcp\n    endpoints: [ {{ address: \"{tcp_ep}\" }} ]\n"
     )
 }
 
@@ -33,7 +33,7 @@ fn local(port: u16) -> SocketAddr {
 }
 
 #[tokio::test]
-async fn listeners_move_and_go_while_open_connections_continue() {
+async fn moved_and_removed_listeners_drain_their_connections() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let echo = tcp_echo().await;
     let (web1, web2, raw) = (local(free_port()), local(free_port()), local(free_port()));
@@ -58,6 +58,14 @@ async fn listeners_move_and_go_while_open_connections_continue() {
         "a"
     );
 
+    // A slow HTTP/1 request in flight on the old address when the change lands.
+    let slow = tokio::spawn(raw_exchange(
+        web1,
+        b"GET / HTTP/1.1\r\nHost: x\r\nx-delay-ms: 600\r\n\r\n",
+        Duration::from_secs(5),
+    ));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
     // Move `web`, drop `raw`, switch the HTTP endpoint to b.
     app.apply(parse(&yaml(web2, None, b.addr, echo)), "v2".into())
         .await
@@ -77,20 +85,104 @@ async fn listeners_move_and_go_while_open_connections_continue() {
         "removed listener no longer accepts"
     );
 
-    // Connections accepted before the change are still served; the TCP stream is untouched.
-    tcp.write_all(b"after!").await.unwrap();
-    tcp.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"after!");
+    // The in-flight request finishes, told to go elsewhere (`Connection: close`), and the
+    // connection then closes (`raw_exchange` reads to the end).
+    let reply = slow.await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+
+    // The HTTP/2 connection got a GOAWAY: no new stream on it.
     let req = http::Request::get("http://x/")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(5), h2.send_request(req))
+    let refused = tokio::time::timeout(Duration::from_secs(5), h2.send_request(req))
         .await
-        .unwrap()
         .unwrap();
-    // The old listener's name still exists (it moved), so the request follows the new routes.
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["x-upstream"], "b");
+    assert!(
+        refused.is_err(),
+        "a drained HTTP/2 connection took a new request"
+    );
+
+    // The TCP connection of the removed listener keeps flowing for the drain timeout (1 s)
+    // and is then closed, not cut at once.
+    tcp.write_all(b"after!").await.unwrap();
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the drained TCP connection was never closed"
+    );
+}
+
+#[tokio::test]
+async fn route_and_endpoint_changes_keep_connections_open() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let echo = tcp_echo().await;
+    let (web, raw) = (local(free_port()), local(free_port()));
+    let app = tern_proxy::app::App::new();
+    let parse = |y: &str| tern_proxy::config::parse_yaml(y).unwrap();
+    app.apply(parse(&yaml(web, Some(raw), a.addr, echo)), "v1".into())
+        .await
+        .unwrap();
+    let mut http = TcpStream::connect(web).await.unwrap();
+    let mut tcp = TcpStream::connect(raw).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    http.write_all(request).await.unwrap();
+    let first = read_response(&mut http).await;
+    assert!(first.contains("x-upstream: a"), "{first}");
+
+    // Same listeners, another endpoint: nothing is retired.
+    app.apply(parse(&yaml(web, Some(raw), b.addr, echo)), "v2".into())
+        .await
+        .unwrap();
+    http.write_all(request).await.unwrap();
+    let second = read_response(&mut http).await;
+    assert!(
+        second.contains("x-upstream: b"),
+        "the same connection follows the new endpoint: {second}"
+    );
+    assert!(
+        !second.to_ascii_lowercase().contains("connection: close"),
+        "{second}"
+    );
+
+    // Past the drain timeout, the TCP connection is still open.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tcp.write_all(b"still").await.unwrap();
+    let mut buf = [0u8; 5];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still");
+}
+
+/// Reads one response with an empty body (the test upstream's GET answer) off a raw stream.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed mid-response: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        out.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    if head.contains("transfer-encoding: chunked") {
+        // An empty chunked body: "0\r\n\r\n".
+        let mut end = [0u8; 5];
+        stream.read_exact(&mut end).await.unwrap();
+    }
+    head
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -36,10 +37,19 @@ pub struct ConnContext {
     pub client_ip: HeaderValue,
     /// Where tunnels opened by upgrades and CONNECT run, so that the drain waits for them.
     pub tasks: TaskTracker,
+    /// Fires when the listener is retired or the process drains; tunnels then get the
+    /// drain timeout.
+    pub retired: CancellationToken,
 }
 
 impl ConnContext {
-    pub fn new(store: Store, listener: Arc<str>, client: SocketAddr, tasks: TaskTracker) -> Self {
+    pub fn new(
+        store: Store,
+        listener: Arc<str>,
+        client: SocketAddr,
+        tasks: TaskTracker,
+        retired: CancellationToken,
+    ) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnContext {
@@ -47,6 +57,7 @@ impl ConnContext {
             listener,
             client_ip,
             tasks,
+            retired,
         }
     }
 }
@@ -519,8 +530,20 @@ async fn forward_upgrade(
     listener.metrics.upgrades.inc();
     let span =
         tracing::debug_span!("tunnel", service = %service.config.name, endpoint = %state.label);
-    ctx.tasks
-        .spawn(tunnel(downstream, upstream, listener.metrics.clone(), permit).instrument(span));
+    let drain_timeout = ctx.store.load().config.drain_timeout;
+    let retired = ctx.retired.clone();
+    let listener_metrics = listener.metrics.clone();
+    ctx.tasks.spawn(
+        async move {
+            tokio::select! {
+                () = tunnel(downstream, upstream, listener_metrics, permit) => {}
+                () = crate::tcp::drain_deadline(&retired, drain_timeout) => {
+                    tracing::info!(?drain_timeout, "listener drained: closing tunnel");
+                }
+            }
+        }
+        .instrument(span),
+    );
     Ok(Response::from_parts(rparts, full(Bytes::new())))
 }
 
