@@ -12,6 +12,7 @@
 #
 # Usage: benches/e2e/run.sh            (from anywhere; about 5 minutes with 3 rounds)
 # Env:   ROUNDS=3 RATE=2000 TERN_BIN=path/to/tern-proxy OUT=file.md (markdown copy)
+#        ONLY="tern tern_policy" measures only those targets (and direct)
 #        TERN_BIN_B=path/to/other/tern-proxy adds a row `tern-b` (A/B a proxy change)
 #        CARGO_TARGET_DIR is honoured when building tern-proxy if TERN_BIN is missing.
 # Needs: nginx wrk h2load (nghttp2-client) oha, optional haproxy, python3, curl, taskset.
@@ -280,6 +281,15 @@ if [ -n "${TERN_BIN_B:-}" ]; then
     wait_http "http://127.0.0.1:$P_ADMIN_B/ready" tern_b
     wait_http "http://127.0.0.1:$P_TERN_B/" tern_b
     TARGETS+=(tern_b)
+fi
+
+# ONLY="tern tern_policy" measures a subset (direct is kept: every ratio needs it).
+if [ -n "${ONLY:-}" ]; then
+    kept=(direct)
+    for t in "${TARGETS[@]}"; do
+        [ "$t" != direct ] && [[ " $ONLY " == *" $t "* ]] && kept+=("$t")
+    done
+    TARGETS=("${kept[@]}")
 fi
 
 declare -A URL H2URL PROCS

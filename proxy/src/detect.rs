@@ -16,6 +16,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Ports of protocols that either speak first or are never HTTP, as Linkerd and Istio list
+/// them: SMTP, submission, MySQL (and X protocol 33060), Galera, PostgreSQL, Redis,
+/// Elasticsearch transport, memcached.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 10] =
+    [25, 587, 3306, 4444, 4567, 4568, 5432, 6379, 9300, 11211];
+
 /// What an auto listener waits for a client's first bytes by default.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long a destination stays known as server-first.
@@ -40,10 +46,12 @@ pub enum Outcome {
     ServerFirstRemembered,
     /// The client closed before sending anything.
     Closed,
+    /// The destination port is an opaque port: not sniffed at all.
+    OpaquePort,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Http1,
         Outcome::Http2,
         Outcome::Tls,
@@ -51,6 +59,7 @@ impl Outcome {
         Outcome::ServerFirst,
         Outcome::ServerFirstRemembered,
         Outcome::Closed,
+        Outcome::OpaquePort,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +71,7 @@ impl Outcome {
             Outcome::ServerFirst => "server_first",
             Outcome::ServerFirstRemembered => "server_first_remembered",
             Outcome::Closed => "closed",
+            Outcome::OpaquePort => "opaque_port",
         }
     }
 
@@ -148,9 +158,13 @@ impl ServerFirstMemory {
 pub async fn sniff(
     stream: &TcpStream,
     destination: SocketAddr,
+    opaque_ports: &[u16],
     memory: &ServerFirstMemory,
     timeout: Duration,
 ) -> Outcome {
+    if opaque_ports.binary_search(&destination.port()).is_ok() {
+        return Outcome::OpaquePort;
+    }
     let start = Instant::now();
     if memory.remembers(destination, start) {
         return Outcome::ServerFirstRemembered;

@@ -188,7 +188,15 @@ async fn accept_loop(
                         // The destination this listener stands for; with interception it
                         // will be the connection's original destination.
                         let destination = stream.local_addr().unwrap_or(client);
-                        let outcome = detect::sniff(&stream, destination, &memory, timeout).await;
+                        let config = Arc::clone(&store.load().config);
+                        let outcome = detect::sniff(
+                            &stream,
+                            destination,
+                            &config.opaque_ports,
+                            &memory,
+                            timeout,
+                        )
+                        .await;
                         if let Some(l) = store.load().listeners.get(&name) {
                             l.metrics.detections[outcome.index()].inc();
                         }

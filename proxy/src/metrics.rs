@@ -181,7 +181,7 @@ pub struct ListenerMetrics {
     /// HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened.
     pub upgrades: Counter,
     /// Auto listeners: connections by detection outcome (`detect::Outcome::index`).
-    pub detections: [Counter; 7],
+    pub detections: [Counter; 8],
 }
 
 impl ListenerMetrics {

@@ -208,6 +208,7 @@ impl Snapshot {
             config: Arc::new(Config {
                 admin: None,
                 drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
+                opaque_ports: crate::detect::DEFAULT_OPAQUE_PORTS.to_vec(),
                 listeners: Vec::new(),
                 services: Vec::new(),
                 raw: Default::default(),

@@ -142,6 +142,34 @@ async fn one_port_serves_http1_http2_tls_and_opaque_bytes() {
     assert_eq!(detections(&m, "server_first"), 0, "{m}");
 }
 
+#[tokio::test]
+async fn opaque_ports_are_never_sniffed() {
+    let web = Upstream::start("web").await;
+    let echo = tcp_echo().await;
+    let port = free_port();
+    let yaml = format!(
+        "opaque_ports: [{port}]\n{}",
+        auto_config(web.addr, echo, "")
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let proxy = Proxy::start(&yaml).await;
+    // Even a request line goes to the TCP service untouched.
+    let request = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+    let mut s = TcpStream::connect(proxy.addr("mixed")).await.unwrap();
+    s.write_all(request).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, request);
+    assert_eq!(web.hits(), 0);
+    let m = metrics(&proxy);
+    assert_eq!(detections(&m, "opaque_port"), 1, "{m}");
+    assert_eq!(detections(&m, "http1"), 0, "{m}");
+}
+
 #[test]
 fn auto_listeners_are_validated() {
     let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();

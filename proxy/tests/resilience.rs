@@ -570,9 +570,12 @@ async fn health_checks_gate_traffic_both_ways() {
         "{states:?}"
     );
     let results = load(addr, 40, 2, &[]).await;
+    let failed: Vec<_> = results.iter().filter(|r| r.0 != StatusCode::OK).collect();
     assert!(
-        results.iter().all(|r| r.0 == StatusCode::OK),
-        "traffic met the sick endpoint"
+        failed.is_empty(),
+        "traffic met the sick endpoint: {failed:?}, sick hits {}, states {:?}",
+        sick.hits(),
+        endpoint_states(&proxy).await
     );
     assert_eq!(sick.hits(), 0);
 

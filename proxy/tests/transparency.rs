@@ -501,3 +501,50 @@ async fn a_long_stream_outlives_the_route_timeout() {
         .to_bytes();
     assert_eq!(body.iter().filter(|b| **b == b'\n').count(), 5, "{body:?}");
 }
+
+/// An HTTP/2 server (the `h2` crate, which can refuse streams, unlike hyper's server) that
+/// refuses every other stream with `REFUSED_STREAM` and answers the rest with 200.
+async fn refusing_h2_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let r = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(stream).await.unwrap();
+                let mut n = 0usize;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    n += 1;
+                    if n % 2 == 1 {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let response = Response::builder().status(200).body(()).unwrap();
+                        let _ = respond.send_response(response, true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test]
+async fn refused_http2_streams_are_retried_without_a_policy() {
+    let (upstream, refused) = refusing_h2_server().await;
+    let yaml = one_service(upstream, "").replace("protocol: http1", "protocol: http2");
+    let proxy = Proxy::start(&yaml).await;
+    let client = http1_client();
+    for i in 0..4 {
+        // DELETE is not retried after a 5xx or reset; a refused stream was never processed.
+        let req = Request::delete(format!("http://{}/item/{i}", proxy.addr("web")))
+            .header("host", "app")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = send(&client, req).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.body);
+    }
+    assert_eq!(refused.load(Ordering::SeqCst), 4);
+}

@@ -36,6 +36,8 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub struct Config {
     pub admin: Option<SocketAddr>,
     pub drain_timeout: Duration,
+    /// Sorted; see `RawConfig::opaque_ports`.
+    pub opaque_ports: Vec<u16>,
     pub listeners: Vec<Listener>,
     pub services: Vec<Service>,
     /// The file as parsed, for `/config_dump`.

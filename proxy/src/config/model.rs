@@ -15,6 +15,10 @@ pub struct RawConfig {
     /// How long in-flight work may continue after SIGTERM, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
+    /// Destination ports whose traffic is never sniffed by auto listeners: forwarded as
+    /// opaque TCP at once. Unset: `detect::DEFAULT_OPAQUE_PORTS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opaque_ports: Option<Vec<u16>>,
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]

@@ -127,9 +127,25 @@ impl TryFrom<RawConfig> for Config {
             });
         }
 
+        let mut opaque_ports = match &raw.opaque_ports {
+            Some(ports) => {
+                if let Some(i) = ports.iter().position(|p| *p == 0) {
+                    return Err(ConfigError::field(
+                        format!("opaque_ports[{i}]"),
+                        "port 0 is not a destination",
+                    ));
+                }
+                ports.clone()
+            }
+            None => crate::detect::DEFAULT_OPAQUE_PORTS.to_vec(),
+        };
+        opaque_ports.sort_unstable();
+        opaque_ports.dedup();
+
         Ok(Config {
             admin,
             drain_timeout,
+            opaque_ports,
             listeners,
             services,
             raw: Arc::new(raw),

@@ -283,7 +283,20 @@ async fn forward(
                     return Err(overloaded(service, limit));
                 }
                 let now = Instant::now();
-                let (attempt, refusal) = if e.is_connect() {
+                let (attempt, refusal) = if e.never_processed() {
+                    // Counted as a reset, but retried like a connect failure: the request
+                    // never reached the application.
+                    state.metrics.resets.inc();
+                    service.observe(endpoint, Observation::Reset, now);
+                    let reason = format!(
+                        "upstream service {} ({}) refused the request before processing it\n",
+                        service.config.name, state.label
+                    );
+                    (
+                        Attempt::ConnectFailure,
+                        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason),
+                    )
+                } else if e.is_connect() {
                     state.load.record_failure(now);
                     state.metrics.connect_failures.inc();
                     service.observe(endpoint, Observation::ConnectFailure, now);

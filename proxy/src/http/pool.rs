@@ -64,12 +64,36 @@ impl UpstreamError {
         )
     }
 
+    /// True when the upstream provably did not process the request although a connection
+    /// existed: HTTP/2 `REFUSED_STREAM`, a stream above the last-stream-id of the upstream's
+    /// GOAWAY, or a request cancelled before it was written. Safe to retry for any method.
+    pub fn never_processed(&self) -> bool {
+        match self {
+            UpstreamError::Request { source, .. } => source.is_canceled() || h2_refused(source),
+            _ => false,
+        }
+    }
+
     pub fn overloaded(&self) -> Option<Limit> {
         match self {
             UpstreamError::Overloaded(limit) => Some(*limit),
             _ => None,
         }
     }
+}
+
+/// Whether an HTTP/2 stream error says the server refused the stream unprocessed (RFC 9113
+/// §8.7: `REFUSED_STREAM`, or a GOAWAY whose last-stream-id is below the stream).
+fn h2_refused(error: &hyper::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The connections of one endpoint.

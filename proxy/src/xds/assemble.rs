@@ -257,6 +257,7 @@ impl XdsState {
             config: RawConfig {
                 admin: None,
                 drain_timeout: None,
+                opaque_ports: None,
                 listeners,
                 services,
             },
