@@ -10,13 +10,14 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["direct", "nginx", "haproxy", "tern", "tern_policy", "tern_b"]
+ORDER = ["direct", "nginx", "haproxy", "tern", "tern_policy", "tern_log", "tern_b"]
 LABEL = {
     "direct": "direct (upstream nginx)",
     "nginx": "nginx 1 worker",
     "haproxy": "HAProxy 1 thread",
     "tern": "tern-proxy",
     "tern_policy": "tern-proxy + resilience policies",
+    "tern_log": "tern-proxy + JSON access log to a file",
     "tern_b": "tern-proxy B (TERN_BIN_B)",
 }
 

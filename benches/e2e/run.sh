@@ -4,6 +4,7 @@
 # the same upstream and the same load generators in the same run. Prints tables of ratios.
 # `tern-policy` is the same binary with retries, timeouts, breaker, outlier detection and
 # health checks configured: its ratio to `tern` is the cost of the resilience layers.
+# `tern-log` is the same binary writing a JSON access log line per request to a file.
 #
 # Placement: load generators on core 0, upstream and proxy under test on core 1.
 # Per round and target: wrk (max HTTP/1.1 throughput), oha at a fixed rate (latency with
@@ -74,9 +75,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Free loopback ports, chosen by the kernel.
-read -r P_UP P_UP_H2 P_NGX P_NGX_H2 P_HA P_HA_H2 P_TERN P_ADMIN P_TERN_B P_ADMIN_B P_TERN_P P_ADMIN_P < <(python3 -c '
+read -r P_UP P_UP_H2 P_NGX P_NGX_H2 P_HA P_HA_H2 P_TERN P_ADMIN P_TERN_B P_ADMIN_B P_TERN_P P_ADMIN_P P_TERN_L P_ADMIN_L < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(12)]
+socks = [socket.socket() for _ in range(14)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 for s in socks: s.close()')
@@ -200,8 +201,14 @@ services:
     endpoints: [ { address: 127.0.0.1:$P_UP } ]
 EOF
 }
+# The same proxy writing a JSON access log line per request to a file.
+tern_log_conf() { # file, admin port, listener port
+    tern_conf "$1" "$2" "$3"
+    printf 'telemetry:\n  access_log: { path: "%s", format: json }\n' "$TMP/tern/access.log" >>"$1"
+}
 mkdir -p "$TMP/tern"
 tern_conf "$TMP/tern/tern.yaml" "$P_ADMIN" "$P_TERN"
+tern_log_conf "$TMP/tern/tern-log.yaml" "$P_ADMIN_L" "$P_TERN_L"
 tern_conf "$TMP/tern/tern-b.yaml" "$P_ADMIN_B" "$P_TERN_B"
 tern_policy_conf "$TMP/tern/tern-policy.yaml" "$P_ADMIN_P" "$P_TERN_P"
 
@@ -276,6 +283,10 @@ start tern_policy env RUST_LOG=warn "$TERN_BIN" --config "$TMP/tern/tern-policy.
 wait_http "http://127.0.0.1:$P_ADMIN_P/ready" tern_policy
 wait_http "http://127.0.0.1:$P_TERN_P/" tern_policy
 TARGETS+=(tern_policy)
+start tern_log env RUST_LOG=warn "$TERN_BIN" --config "$TMP/tern/tern-log.yaml"
+wait_http "http://127.0.0.1:$P_ADMIN_L/ready" tern_log
+wait_http "http://127.0.0.1:$P_TERN_L/" tern_log
+TARGETS+=(tern_log)
 if [ -n "${TERN_BIN_B:-}" ]; then
     start tern_b env RUST_LOG=warn "$TERN_BIN_B" --config "$TMP/tern/tern-b.yaml"
     wait_http "http://127.0.0.1:$P_ADMIN_B/ready" tern_b
@@ -303,6 +314,8 @@ PROCS[nginx]="$(proc_tree "$PID_nginx")"
 PROCS[tern]="$PID_tern"
 URL[tern_policy]="http://127.0.0.1:$P_TERN_P/"; H2URL[tern_policy]="http://127.0.0.1:$P_TERN_P/"
 PROCS[tern_policy]="$PID_tern_policy"
+URL[tern_log]="http://127.0.0.1:$P_TERN_L/"; H2URL[tern_log]="http://127.0.0.1:$P_TERN_L/"
+PROCS[tern_log]="$PID_tern_log"
 URL[tern_b]="http://127.0.0.1:$P_TERN_B/"; H2URL[tern_b]="http://127.0.0.1:$P_TERN_B/"
 [ -n "${TERN_BIN_B:-}" ] && PROCS[tern_b]="$PID_tern_b"
 

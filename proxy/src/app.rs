@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+
+use crate::telemetry::access_log::AccessLog;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -138,6 +140,14 @@ impl App {
         let inner = &self.inner;
         if !inner.sweeping.swap(true, Ordering::AcqRel) {
             self.spawn_pool_sweeper();
+            // SIGUSR1 asks an access log writer to reopen its file. Registering a handler
+            // once replaces the default action (terminate) for the process's lifetime, so a
+            // logrotate `postrotate` kill never takes down a proxy that logs to stdout.
+            if let Err(e) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            {
+                tracing::warn!(error = %e, "cannot handle SIGUSR1");
+            }
         }
         let config = Arc::new(config);
         let mut running = inner.listeners.lock().await;
@@ -182,12 +192,18 @@ impl App {
         }
 
         let previous = inner.store.load_full();
-        let next = Arc::new(Snapshot::build(
-            Arc::clone(&config),
-            source,
-            &previous,
-            &inner.metrics,
-        ));
+        let mut next = Snapshot::build(Arc::clone(&config), source, &previous, &inner.metrics);
+        if next.access_log.is_none()
+            && let Some(settings) = &config.access_log
+        {
+            // The old writer (if any) finishes its queue once the last snapshot holding it
+            // is gone.
+            next.access_log = Some(Arc::new(AccessLog::start(
+                settings.clone(),
+                inner.metrics.access_log.clone(),
+            )));
+        }
+        let next = Arc::new(next);
         let version = next.version;
         inner.store.store(Arc::clone(&next));
         inner

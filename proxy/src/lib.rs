@@ -24,4 +24,5 @@ pub mod resilience;
 pub mod snapshot;
 pub mod store;
 pub mod tcp;
+pub mod telemetry;
 pub mod xds;

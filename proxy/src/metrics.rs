@@ -166,6 +166,8 @@ pub struct Metrics {
     overloaded: Family<LimitLabels, Counter>,
     timeouts: Family<TimeoutLabels, Counter>,
     ejections: Family<EndpointLabels, Counter>,
+    /// Shared by every access log writer the process runs.
+    pub access_log: crate::telemetry::access_log::LogCounters,
 }
 
 /// Handles for one listener.
@@ -273,6 +275,7 @@ impl Metrics {
             overloaded: Family::default(),
             timeouts: Family::default(),
             ejections: Family::default(),
+            access_log: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("tern");
         r.register(
@@ -361,6 +364,16 @@ impl Metrics {
             "outlier_ejections",
             "Times an endpoint was ejected by outlier detection",
             m.ejections.clone(),
+        );
+        r.register(
+            "access_log_records_written",
+            "Access log lines written",
+            m.access_log.written.clone(),
+        );
+        r.register(
+            "access_log_records_dropped",
+            "Access log lines dropped because the writer's queue was full (the request was not slowed)",
+            m.access_log.dropped.clone(),
         );
         r.register(
             "xds_nacks",

@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub listeners: HashMap<Arc<str>, Arc<ListenerRt>>,
     pub services: HashMap<Arc<str>, Arc<ServiceRt>>,
+    /// Set by `App::apply` when the config asks for access logs (kept across snapshots
+    /// while its settings stay the same).
+    pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
 }
 
 #[derive(Debug)]
@@ -209,12 +212,14 @@ impl Snapshot {
                 admin: None,
                 drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
                 opaque_ports: crate::detect::DEFAULT_OPAQUE_PORTS.to_vec(),
+                access_log: None,
                 listeners: Vec::new(),
                 services: Vec::new(),
                 raw: Default::default(),
             }),
             listeners: HashMap::new(),
             services: HashMap::new(),
+            access_log: None,
         }
     }
 
@@ -326,12 +331,18 @@ impl Snapshot {
             })
             .collect();
 
+        // The running writer stays while its settings do; `App::apply` starts a new one.
+        let access_log = previous
+            .access_log
+            .clone()
+            .filter(|log| Some(log.config()) == config.access_log.as_ref());
         Snapshot {
             version: previous.version + 1,
             source,
             config,
             listeners,
             services,
+            access_log,
         }
     }
 }

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::http::client::connect_tcp;
 use crate::resilience::breaker::Limit;
 use crate::resilience::outlier::Observation;
-use crate::snapshot::ListenerRtKind;
+use crate::snapshot::{ListenerRt, ListenerRtKind, ServiceRt};
 use crate::store::Store;
+use crate::telemetry::access_log::{Flag, Record};
 
 /// Endpoints tried for one connection before giving up: a refused connect is safe to retry
 /// elsewhere because no byte has been forwarded yet.
@@ -26,23 +27,68 @@ const CONNECT_ATTEMPTS: usize = 3;
 pub async fn serve(
     store: &Store,
     listener: &Arc<str>,
-    mut downstream: TcpStream,
+    downstream: TcpStream,
     client: SocketAddr,
     retired: CancellationToken,
 ) {
-    let drain_timeout = store.load().config.drain_timeout;
-    let (listener_rt, service) = {
+    let (drain_timeout, listener_rt, log) = {
         let snapshot = store.load();
         let Some(l) = snapshot.listeners.get(listener).cloned() else {
             return;
         };
-        let (ListenerRtKind::Tcp { service } | ListenerRtKind::Auto { service, .. }) = &l.kind
-        else {
-            return;
-        };
-        let service = Arc::clone(service);
-        (l, service)
+        (
+            snapshot.config.drain_timeout,
+            l,
+            snapshot.access_log.clone(),
+        )
     };
+    let (ListenerRtKind::Tcp { service } | ListenerRtKind::Auto { service, .. }) =
+        &listener_rt.kind
+    else {
+        return;
+    };
+    let service = Arc::clone(service);
+    let start = Instant::now();
+    let record = log
+        .as_ref()
+        .map(|_| Record::new("tcp", listener, &client.ip().to_string()));
+    let outcome = forward(
+        &listener_rt,
+        &service,
+        downstream,
+        client,
+        &retired,
+        drain_timeout,
+    )
+    .await;
+    if let (Some(log), Some(mut record)) = (log, record) {
+        record.set_duration(start.elapsed());
+        record.response_flags = outcome.flag.as_str();
+        record.upstream_service = Some(service.config.name.to_string());
+        record.upstream_endpoint = outcome.endpoint;
+        record.bytes_received = Some(outcome.to_upstream);
+        record.bytes_sent = outcome.to_client;
+        log.emit(record);
+    }
+}
+
+/// How a TCP connection went, for the access log.
+#[derive(Default)]
+struct Outcome {
+    flag: Flag,
+    endpoint: Option<String>,
+    to_upstream: u64,
+    to_client: u64,
+}
+
+async fn forward(
+    listener_rt: &ListenerRt,
+    service: &Arc<ServiceRt>,
+    mut downstream: TcpStream,
+    client: SocketAddr,
+    retired: &CancellationToken,
+    drain_timeout: std::time::Duration,
+) -> Outcome {
     let metrics = &listener_rt.metrics;
     metrics.tcp_connections.inc();
     metrics.tcp_active.inc();
@@ -62,7 +108,10 @@ pub async fn serve(
             service.metrics.count_overloaded(limit);
             tracing::info!(%client, service = %service.config.name, "circuit breaker: max_connections reached; closing");
             let _ = downstream.shutdown().await;
-            return;
+            return Outcome {
+                flag: Flag::Overloaded,
+                ..Outcome::default()
+            };
         }
     };
     let mut rng = fastrand::Rng::new();
@@ -95,27 +144,46 @@ pub async fn serve(
     let Some((mut upstream, state)) = upstream else {
         tracing::info!(%client, service = %service.config.name, "no tcp upstream reachable; closing");
         let _ = downstream.shutdown().await;
-        return;
+        return Outcome {
+            flag: Flag::UpstreamConnectFailure,
+            ..Outcome::default()
+        };
     };
+    let endpoint = Some(state.label.clone());
     let _ = downstream.set_nodelay(true);
     let _in_flight = state.load.start();
     // `copy_bidirectional` shuts down each write side when the other side's reads end, which
     // carries a half-close through, and returns when both directions are done.
     let copied = tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied,
-        () = drain_deadline(&retired, drain_timeout) => {
+        () = drain_deadline(retired, drain_timeout) => {
             tracing::info!(%client, ?drain_timeout, "listener drained: closing tcp connection");
-            return;
+            return Outcome {
+                flag: Flag::ListenerDrained,
+                endpoint,
+                ..Outcome::default()
+            };
         }
     };
     match copied {
         Ok((up, down)) => {
             metrics.tcp_bytes_upstream.inc_by(up);
             metrics.tcp_bytes_downstream.inc_by(down);
+            Outcome {
+                flag: Flag::None,
+                endpoint,
+                to_upstream: up,
+                to_client: down,
+            }
         }
         Err(e) => {
             state.metrics.resets.inc();
             tracing::debug!(%client, error = %e, "tcp connection ended with an error");
+            Outcome {
+                flag: Flag::UpstreamReset,
+                endpoint,
+                ..Outcome::default()
+            }
         }
     }
 }

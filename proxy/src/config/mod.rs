@@ -38,6 +38,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Sorted; see `RawConfig::opaque_ports`.
     pub opaque_ports: Vec<u16>,
+    pub access_log: Option<crate::telemetry::access_log::AccessLogConfig>,
     pub listeners: Vec<Listener>,
     pub services: Vec<Service>,
     /// The file as parsed, for `/config_dump`.

@@ -19,10 +19,32 @@ pub struct RawConfig {
     /// opaque TCP at once. Unset: `detect::DEFAULT_OPAQUE_PORTS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opaque_ports: Option<Vec<u16>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<RawTelemetry>,
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    /// `stdout` or a file path.
+    pub path: String,
+    /// `json` (default) or `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// For `text`: `%FIELD%` placeholders; default `access_log::DEFAULT_TEMPLATE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -142,15 +142,62 @@ impl TryFrom<RawConfig> for Config {
         opaque_ports.sort_unstable();
         opaque_ports.dedup();
 
+        let access_log = raw
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.access_log.as_ref())
+            .map(validate_access_log)
+            .transpose()?;
+
         Ok(Config {
             admin,
             drain_timeout,
             opaque_ports,
+            access_log,
             listeners,
             services,
             raw: Arc::new(raw),
         })
     }
+}
+
+fn validate_access_log(
+    raw: &crate::config::model::RawAccessLog,
+) -> Result<crate::telemetry::access_log::AccessLogConfig, ConfigError> {
+    use crate::telemetry::access_log::{
+        AccessLogConfig, DEFAULT_TEMPLATE, LogFormat, LogPath, Template,
+    };
+    let at = "telemetry.access_log";
+    let path = match raw.path.as_str() {
+        "" => {
+            return Err(ConfigError::field(
+                format!("{at}.path"),
+                "empty; `stdout` or a file",
+            ));
+        }
+        "stdout" => LogPath::Stdout,
+        p => LogPath::File(p.into()),
+    };
+    let format = match (raw.format.as_deref().unwrap_or("json"), &raw.template) {
+        ("json", None) => LogFormat::Json,
+        ("json", Some(_)) => {
+            return Err(ConfigError::field(
+                format!("{at}.template"),
+                "a template is for `format: text`",
+            ));
+        }
+        ("text", t) => LogFormat::Text(
+            Template::parse(t.as_deref().unwrap_or(DEFAULT_TEMPLATE))
+                .map_err(|e| ConfigError::field(format!("{at}.template"), e))?,
+        ),
+        (other, _) => {
+            return Err(ConfigError::field(
+                format!("{at}.format"),
+                format!("unknown format {other:?}; json or text"),
+            ));
+        }
+    };
+    Ok(AccessLogConfig { path, format })
 }
 
 fn no_detect_timeout(at: &str, l: &RawListener) -> Result<(), ConfigError> {

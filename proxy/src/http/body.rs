@@ -2,6 +2,7 @@
 //! tracked until their end; short bodies for responses the proxy makes itself.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use tokio::time::Instant;
 use super::pool::Lease;
 use crate::balance::InFlight;
 use crate::resilience::breaker::Permit;
+use crate::telemetry::access_log::{AccessLog, Record};
 
 /// What the proxy answers with: a forwarded upstream body or its own short body.
 pub type ProxyBody = Either<Tracked, Full<Bytes>>;
@@ -40,11 +42,21 @@ struct Done {
     _permit: Option<Permit>,
     duration: Histogram,
     start: Instant,
+    /// The access log record, written when the response ends (only when logging is on).
+    log: Option<Box<(Arc<AccessLog>, Record)>>,
+    bytes: u64,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
-        self.duration.observe(self.start.elapsed().as_secs_f64());
+        let elapsed = self.start.elapsed();
+        self.duration.observe(elapsed.as_secs_f64());
+        if let Some(log) = self.log.take() {
+            let (log, mut record) = *log;
+            record.set_duration(elapsed);
+            record.bytes_sent = self.bytes;
+            log.emit(record);
+        }
     }
 }
 
@@ -62,6 +74,8 @@ impl Tracked {
             _permit: permit,
             duration,
             start,
+            log: None,
+            bytes: 0,
         });
         let mut tracked = Tracked { inner, done, lease };
         // An empty body (HEAD, 204, `content-length: 0`) may never be polled.
@@ -69,6 +83,14 @@ impl Tracked {
             give_back(&mut tracked.lease);
         }
         tracked
+    }
+
+    /// Writes `log`'s record when the response ends, with its duration and bytes sent.
+    pub fn logged(mut self, log: Option<(Arc<AccessLog>, Record)>) -> Self {
+        if let (Some(done), Some(log)) = (self.done.as_mut(), log) {
+            done.log = Some(Box::new(log));
+        }
+        self
     }
 }
 
@@ -92,8 +114,17 @@ impl Body for Tracked {
                 this.lease.take();
                 this.done.take();
             }
-            // hyper stops polling once `is_end_stream()` turns true after the last frame.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => give_back(this.lease),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(done), Some(data)) = (this.done.as_mut(), frame.data_ref())
+                    && done.log.is_some()
+                {
+                    done.bytes += data.len() as u64;
+                }
+                // hyper stops polling once `is_end_stream()` turns true after the last frame.
+                if this.inner.is_end_stream() {
+                    give_back(this.lease);
+                }
+            }
             _ => {}
         }
         polled

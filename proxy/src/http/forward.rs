@@ -27,6 +27,7 @@ use crate::resilience::outlier::Observation;
 use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe_default};
 use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
+use crate::telemetry::access_log::{AccessLog, Flag, Record};
 
 /// What one downstream connection needs to serve requests.
 #[derive(Debug)]
@@ -68,15 +69,77 @@ struct Refusal {
     reason: String,
     /// A circuit breaker said no: the answer carries `x-tern-overloaded: true`.
     overloaded: bool,
+    /// Why, for the access log.
+    flag: Flag,
 }
 
 impl Refusal {
     fn new(status: StatusCode, reason: String) -> Self {
+        let flag = match status {
+            StatusCode::NOT_FOUND => Flag::NoRoute,
+            StatusCode::BAD_REQUEST => Flag::BadRequest,
+            StatusCode::GATEWAY_TIMEOUT => Flag::UpstreamTimeout,
+            StatusCode::BAD_GATEWAY => Flag::UpstreamReset,
+            StatusCode::SERVICE_UNAVAILABLE => Flag::UpstreamConnectFailure,
+            _ => Flag::None,
+        };
         Refusal {
             status,
             reason,
             overloaded: false,
+            flag,
         }
+    }
+
+    fn with_flag(mut self, flag: Flag) -> Self {
+        self.flag = flag;
+        self
+    }
+}
+
+/// A request's access log record on its way through the request path, with the log it goes
+/// to. Present only when access logging is on: otherwise nothing is allocated for it.
+pub struct LogSlot {
+    pub log: Arc<AccessLog>,
+    pub record: Record,
+}
+
+impl LogSlot {
+    fn new(log: Arc<AccessLog>, ctx: &ConnContext, req: &Request<Incoming>) -> Self {
+        let mut record = Record::new("http", &ctx.listener, ctx.client_ip.to_str().unwrap_or("-"));
+        record.method = Some(req.method().to_string());
+        record.authority = match req.uri().authority() {
+            Some(a) => Some(a.as_str().to_string()),
+            None => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string),
+        };
+        record.path = req.uri().path_and_query().map(|p| p.as_str().to_string());
+        record.protocol = Some(match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        });
+        record.bytes_received = Some(req.body().size_hint().exact().unwrap_or(0));
+        record.trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('-').nth(1))
+            .filter(|id| id.len() == 32)
+            .map(str::to_string);
+        LogSlot { log, record }
+    }
+
+    /// Finishes a record whose response is not streamed through a `Tracked` body.
+    fn emit(mut self, status: StatusCode, flag: Flag, bytes_sent: u64, start: Instant) {
+        self.record.status = Some(status.as_u16());
+        self.record.response_flags = flag.as_str();
+        self.record.bytes_sent = bytes_sent;
+        self.record.set_duration(start.elapsed());
+        self.log.emit(self.record);
     }
 }
 
@@ -86,16 +149,47 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let Some(listener) = ctx.store.load().listeners.get(&ctx.listener).cloned() else {
-        let reason = format!("listener {} was removed\n", ctx.listener);
-        return Ok(refusal(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            reason,
-        )));
+    let (listener, log) = {
+        let snapshot = ctx.store.load();
+        (
+            snapshot.listeners.get(&ctx.listener).cloned(),
+            snapshot.access_log.clone(),
+        )
     };
-    let response = match forward(&ctx, &listener, req, start).await {
-        Ok(response) => response,
-        Err(refused) => refusal(refused),
+    let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req));
+    let Some(listener) = listener else {
+        let reason = format!("listener {} was removed\n", ctx.listener);
+        let refused =
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason).with_flag(Flag::ListenerDrained);
+        if let Some(slot) = slot {
+            slot.emit(
+                refused.status,
+                refused.flag,
+                refused.reason.len() as u64,
+                start,
+            );
+        }
+        return Ok(refusal(refused));
+    };
+    let response = match forward(&ctx, &listener, req, start, &mut slot).await {
+        Ok(response) => {
+            // Not streamed through a tracked body (an upgrade's 101): logged now.
+            if let Some(slot) = slot {
+                slot.emit(response.status(), Flag::None, 0, start);
+            }
+            response
+        }
+        Err(refused) => {
+            if let Some(slot) = slot {
+                slot.emit(
+                    refused.status,
+                    refused.flag,
+                    refused.reason.len() as u64,
+                    start,
+                );
+            }
+            refusal(refused)
+        }
     };
     listener.metrics.count_status(response.status());
     Ok(response)
@@ -118,6 +212,7 @@ async fn forward(
     listener: &ListenerRt,
     req: Request<Incoming>,
     start: Instant,
+    slot: &mut Option<LogSlot>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let (ListenerRtKind::Http { routes } | ListenerRtKind::Auto { routes, .. }) = &listener.kind
     else {
@@ -195,7 +290,8 @@ async fn forward(
         let Some((index, endpoint)) = service.pick_avoiding(&mut rng, attempt_start, &tried) else {
             service.metrics.no_endpoints.inc();
             let reason = format!("service {} has no endpoints\n", service.config.name);
-            return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
+            return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason)
+                .with_flag(Flag::NoHealthyUpstream));
         };
         let (parts, upstream_body) = match &mut body {
             RequestBody::Replay(bytes) => {
@@ -263,16 +359,27 @@ async fn forward(
                         planned
                     }
                     None => {
-                        let (mut parts, body) = response.into_parts();
+                        let (mut parts, response_body) = response.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
+                        let logged = slot.take().map(|mut s| {
+                            s.record.status = Some(status);
+                            s.record.upstream_service = Some(service.config.name.to_string());
+                            s.record.upstream_endpoint = Some(state.label.clone());
+                            s.record.retries = retrier.retries;
+                            if let RequestBody::Replay(b) = &body {
+                                s.record.bytes_received = Some(b.len() as u64);
+                            }
+                            (s.log, s.record)
+                        });
                         let body = Tracked::new(
-                            body,
+                            response_body,
                             lease,
                             in_flight,
                             Some(permit),
                             listener.metrics.duration.clone(),
                             start,
-                        );
+                        )
+                        .logged(logged);
                         return Ok(Response::from_parts(parts, Either::Left(body)));
                     }
                 }
@@ -596,6 +703,7 @@ fn overloaded(service: &ServiceRt, limit: Limit) -> Refusal {
         ),
     );
     r.overloaded = true;
+    r.flag = Flag::Overloaded;
     r
 }
 

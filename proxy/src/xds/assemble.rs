@@ -258,6 +258,7 @@ impl XdsState {
                 admin: None,
                 drain_timeout: None,
                 opaque_ports: None,
+                telemetry: None,
                 listeners,
                 services,
             },
