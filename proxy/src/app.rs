@@ -42,6 +42,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     registry: Registry,
     drain: CancellationToken,
+    /// Fired by `POST /shutdown`; `main` treats it as SIGTERM.
+    shutdown: CancellationToken,
     tracker: TaskTracker,
     listeners: tokio::sync::Mutex<HashMap<Arc<str>, ListenerHandle>>,
     bound: std::sync::Mutex<HashMap<String, SocketAddr>>,
@@ -74,6 +76,7 @@ impl App {
                 metrics,
                 registry,
                 drain: CancellationToken::new(),
+                shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 listeners: tokio::sync::Mutex::new(HashMap::new()),
                 bound: std::sync::Mutex::new(HashMap::new()),
@@ -99,9 +102,11 @@ impl App {
 
     /// True once listeners are bound and a config is in force, until draining starts.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire)
+        self.inner.ready.load(Ordering::Acquire) && !self.is_draining()
     }
 
+    /// Marks the proxy ready (or not). Draining wins: a config that finishes applying after
+    /// SIGTERM (an xDS response in flight) must not turn `/ready` back to 200.
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::Release);
     }
@@ -265,6 +270,16 @@ impl App {
             );
         }
         done
+    }
+
+    /// Asks the process to drain and exit, as SIGTERM does (`POST /shutdown`).
+    pub fn request_shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Completes once [`App::request_shutdown`] has been called.
+    pub async fn shutdown_requested(&self) {
+        self.inner.shutdown.cancelled().await;
     }
 
     /// A token that fires when draining starts.

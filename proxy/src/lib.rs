@@ -9,6 +9,7 @@
 //! - [`listener`]: binding and accept loops.
 //! - [`app`]: wiring, reload and drain; [`admin`]: the admin server; [`metrics`].
 //! - [`demo`]: the self-contained demo behind `tern-proxy demo`.
+//! - [`wait_ready`]: `tern-proxy wait-ready`, polling `/ready` for entrypoints and probes.
 
 pub mod admin;
 pub mod app;
@@ -23,4 +24,5 @@ pub mod resilience;
 pub mod snapshot;
 pub mod store;
 pub mod tcp;
+pub mod wait_ready;
 pub mod xds;

@@ -66,6 +66,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Waits until a proxy's `/ready` answers 200 (exit 0), or exits 1 at the timeout. For
+    /// entrypoints (`tern-proxy wait-ready --admin 127.0.0.1:15000 && exec app`) and
+    /// Kubernetes startup probes.
+    WaitReady {
+        /// The proxy's admin address, `host:port`.
+        #[arg(long)]
+        admin: String,
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        /// Time between tries.
+        #[arg(long, default_value = "200ms", value_parser = duration)]
+        interval: Duration,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -76,7 +89,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(
         args.log_json,
-        matches!(args.command, Some(Command::Demo(_))),
+        matches!(
+            args.command,
+            Some(Command::Demo(_) | Command::WaitReady { .. })
+        ),
     );
     let workers = args
         .worker_threads
@@ -108,6 +124,11 @@ fn main() -> ExitCode {
             .block_on(tern_proxy::demo::run(demo))
             .map(|()| ExitCode::SUCCESS),
         Some(Command::Check { config }) => Ok(check(&config)),
+        Some(Command::WaitReady {
+            admin,
+            timeout,
+            interval,
+        }) => Ok(runtime.block_on(wait_ready(&admin, timeout, interval))),
         None => match (args.config.clone(), args.xds.clone()) {
             (Some(path), _) => runtime.block_on(run(args, path)),
             (None, Some(server)) => runtime.block_on(run_xds(args, server)),
@@ -137,6 +158,16 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("{}: {e}", path.display());
             ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+async fn wait_ready(admin: &str, timeout: Duration, interval: Duration) -> ExitCode {
+    match tern_proxy::wait_ready::wait_ready(admin, timeout, interval).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-proxy wait-ready: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -172,10 +203,7 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
     app.set_ready(true);
     tracing::info!(version, listeners = ?app.bound_addresses(), "tern-proxy ready");
 
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
-    }
+    stop_requested(&app, &mut terminate).await;
     let clean = app.drain(drain_timeout).await;
     tracing::info!(clean, "drained; exiting");
     Ok(ExitCode::SUCCESS)
@@ -206,14 +234,20 @@ async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
     let follower = tokio::spawn(
         tern_proxy::xds::run(app.clone(), options, stop).instrument(tracing::info_span!("xds")),
     );
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
-    }
+    stop_requested(&app, &mut terminate).await;
     let clean = app.drain(args.drain_timeout).await;
     let _ = follower.await;
     tracing::info!(clean, "drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM, an interrupt or `POST /shutdown`: all three start the same drain.
+async fn stop_requested(app: &App, terminate: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+        () = app.shutdown_requested() => tracing::info!("POST /shutdown: draining"),
+    }
 }
 
 /// The host name, which is the pod name on Kubernetes.
