@@ -71,6 +71,7 @@ fn policies_survive_encode_and_decode() {
         routes: routes.routes,
         service: None,
         request_header_timeout: None,
+        max_connections: None,
     });
     let decoded = Config::try_from(raw).unwrap();
 

@@ -1,4 +1,5 @@
-//! Binding listeners and running their accept loops; each connection becomes a tracked task.
+//! Binding listeners and running their accept loops; each connection becomes a tracked task,
+//! admitted under the listener's connection cap and the memory guard.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tracing::Instrument;
 use crate::config::{Listener, ListenerKind};
 use crate::http::forward::ConnContext;
 use crate::http::server;
+use crate::overload::{ConnLimit, ConnSlot, MemoryGuard};
 use crate::store::Store;
 
 const BACKLOG: i32 = 1024;
@@ -52,25 +54,35 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// What every accept loop shares with the rest of the proxy.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub store: Store,
+    /// Every connection is a task here, so that draining can wait for them.
+    pub tracker: TaskTracker,
+    pub drain: CancellationToken,
+    pub memory: Arc<MemoryGuard>,
+}
+
 /// Starts the accept loop of a bound listener.
 pub fn start(
     config: &Listener,
     listener: TcpListener,
-    store: Store,
-    tracker: TaskTracker,
-    drain: CancellationToken,
+    shared: Shared,
 ) -> std::io::Result<ListenerHandle> {
     let bound = listener.local_addr()?;
-    let stop = drain.child_token();
+    let stop = shared.drain.child_token();
     let name = Arc::clone(&config.name);
     let span = tracing::info_span!("listener", name = %name, address = %bound);
     let kind = match &config.kind {
-        ListenerKind::Http { .. } => Kind::Http(Arc::new(server::builder(config.header_timeout))),
+        ListenerKind::Http { .. } => Kind::Http {
+            builder: Arc::new(server::builder(config.header_timeout)),
+            header_timeout: config.header_timeout,
+        },
         ListenerKind::Tcp { .. } => Kind::Tcp,
     };
-    let task = tokio::spawn(
-        accept_loop(listener, name, kind, store, tracker, drain, stop.clone()).instrument(span),
-    );
+    let task =
+        tokio::spawn(accept_loop(listener, name, kind, shared, stop.clone()).instrument(span));
     Ok(ListenerHandle {
         configured: config.address,
         bound,
@@ -81,7 +93,10 @@ pub fn start(
 }
 
 enum Kind {
-    Http(Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>),
+    Http {
+        builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+        header_timeout: Duration,
+    },
     Tcp,
 }
 
@@ -89,12 +104,11 @@ async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
     kind: Kind,
-    store: Store,
-    tracker: TaskTracker,
-    drain: CancellationToken,
+    shared: Shared,
     stop: CancellationToken,
 ) {
     tracing::info!("accepting connections");
+    let open = ConnLimit::default();
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -109,31 +123,64 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Accepting and closing at once, rather than leaving connections in the backlog,
+        // tells a flooding client no at once and keeps the backlog for clients after it.
+        let Some(slot) = admit(&shared.store, &shared.memory, &name, &open) else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", %client);
         match &kind {
-            Kind::Http(builder) => {
+            Kind::Http {
+                builder,
+                header_timeout,
+            } => {
                 let builder = Arc::clone(builder);
+                let header_timeout = *header_timeout;
                 let ctx = Arc::new(ConnContext::new(
-                    Arc::clone(&store),
+                    Arc::clone(&shared.store),
                     Arc::clone(&name),
                     client,
+                    Arc::clone(&shared.memory),
                 ));
-                let drain = drain.clone();
-                tracker.spawn(
-                    async move { server::serve(&builder, stream, ctx, drain).await }
-                        .instrument(span),
+                let drain = shared.drain.clone();
+                shared.tracker.spawn(
+                    async move {
+                        let _slot = slot;
+                        server::serve(&builder, header_timeout, stream, ctx, drain).await
+                    }
+                    .instrument(span),
                 );
             }
             Kind::Tcp => {
-                let store = Arc::clone(&store);
+                let store = Arc::clone(&shared.store);
                 let name = Arc::clone(&name);
-                tracker.spawn(
-                    async move { crate::tcp::serve(&store, &name, stream, client).await }
-                        .instrument(span),
+                shared.tracker.spawn(
+                    async move {
+                        let _slot = slot;
+                        crate::tcp::serve(&store, &name, stream, client).await
+                    }
+                    .instrument(span),
                 );
             }
         }
     }
     tracing::info!("stopped accepting connections");
+}
+
+/// Whether an accepted connection may stay: not while the memory guard sheds (a flood must
+/// not grow the process), nor past the listener's `max_connections`. Refusals are counted.
+fn admit(store: &Store, memory: &MemoryGuard, name: &str, open: &ConnLimit) -> Option<ConnSlot> {
+    let snapshot = store.load();
+    let listener = snapshot.listeners.get(name)?;
+    if memory.is_overloaded() {
+        listener.metrics.shed_connections.inc();
+        return None;
+    }
+    let slot = open.try_acquire(listener.config.max_connections as usize);
+    if slot.is_none() {
+        listener.metrics.overflow.inc();
+    }
+    slot
 }

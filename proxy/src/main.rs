@@ -38,6 +38,11 @@ struct Args {
     /// Time in-flight work gets after SIGTERM when following xDS.
     #[arg(long, default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
+    /// Resident memory to stay under, e.g. `512MiB` (overrides `memory_limit` in the file;
+    /// the only way to set it with `--xds`). Past 90% of it, new connections are refused and
+    /// new requests answered 503.
+    #[arg(long, value_parser = memory_limit)]
+    memory_limit: Option<u64>,
     /// Admin server address (overrides `admin.address` in the file).
     #[arg(long)]
     admin_address: Option<SocketAddr>,
@@ -83,6 +88,10 @@ enum Command {
 
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text)
+}
+
+fn memory_limit(text: &str) -> Result<u64, String> {
+    tern_proxy::config::parse_memory_limit(text)
 }
 
 fn main() -> ExitCode {
@@ -187,6 +196,7 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
         .context("installing the SIGTERM handler")?;
 
     let app = App::new();
+    app.set_memory_limit(args.memory_limit);
     let version = app
         .apply(config, source)
         .await
@@ -215,6 +225,7 @@ async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let app = App::new();
+    app.set_memory_limit(args.memory_limit);
     if let Some(addr) = args.admin_address {
         let bound = app
             .serve_admin(addr)

@@ -198,6 +198,7 @@ impl Snapshot {
             config: Arc::new(Config {
                 admin: None,
                 drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
+                memory_limit: None,
                 listeners: Vec::new(),
                 services: Vec::new(),
                 raw: Default::default(),

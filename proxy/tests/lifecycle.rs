@@ -174,7 +174,7 @@ async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
     for (i, eps) in steps.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         std::fs::write(&path, config(listen, eps, "least_request")).unwrap();
-        wait_for_version(&proxy, i as u64 + 2).await;
+        proxy.wait_for_version(i as u64 + 2).await;
     }
     let c_before = c.hits();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -198,7 +198,7 @@ async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
     // SIGHUP re-reads the (fixed) file.
     std::fs::write(&path, config(listen, &[(a.addr, 1)], "round_robin")).unwrap();
     proxy.signal("HUP");
-    wait_for_version(&proxy, 6).await;
+    proxy.wait_for_version(6).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -208,18 +208,6 @@ async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 200, "only {ok} requests completed");
     assert_eq!(failed, 0, "{failed} requests failed out of {}", ok + failed);
-}
-
-async fn wait_for_version(proxy: &ProxyProcess, version: u64) {
-    for _ in 0..100 {
-        let dump: serde_json::Value =
-            serde_json::from_str(&proxy.admin_get("/config_dump").await.body).unwrap();
-        if dump["version"].as_u64() >= Some(version) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("config version {version} never applied: {}", proxy.log());
 }
 
 /// Starts a proxy in front of one upstream; returns it with the listener address.

@@ -15,10 +15,22 @@ pub struct RawConfig {
     /// How long in-flight work may continue after SIGTERM, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
+    /// Resident memory the proxy should stay under, e.g. `512MiB`: past 90% of it, new
+    /// connections are refused and new requests answered 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<RawSize>,
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub services: Vec<RawService>,
+}
+
+/// A byte size as written: `512MiB`, or a bare number of bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +54,9 @@ pub struct RawListener {
     /// How long a client may take to send its request headers, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_header_timeout: Option<String>,
+    /// Connections open at once on this listener (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

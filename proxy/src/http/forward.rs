@@ -18,6 +18,7 @@ use super::headers::{add_forwarding, strip_hop_by_hop};
 use super::pool::UpstreamBody;
 use super::route;
 use crate::config::UpstreamProtocol;
+use crate::overload::MemoryGuard;
 use crate::resilience::breaker::{Limit, Permit};
 use crate::resilience::outlier::Observation;
 use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason};
@@ -31,16 +32,23 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// The client's IP, formatted once per connection for `x-forwarded-for`.
     pub client_ip: HeaderValue,
+    pub memory: Arc<MemoryGuard>,
 }
 
 impl ConnContext {
-    pub fn new(store: Store, listener: Arc<str>, client: SocketAddr) -> Self {
+    pub fn new(
+        store: Store,
+        listener: Arc<str>,
+        client: SocketAddr,
+        memory: Arc<MemoryGuard>,
+    ) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnContext {
             store,
             listener,
             client_ip,
+            memory,
         }
     }
 }
@@ -49,7 +57,8 @@ impl ConnContext {
 struct Refusal {
     status: StatusCode,
     reason: String,
-    /// A circuit breaker said no: the answer carries `x-tern-overloaded: true`.
+    /// A circuit breaker or the memory guard said no: the answer carries
+    /// `x-tern-overloaded: true`.
     overloaded: bool,
 }
 
@@ -76,6 +85,18 @@ pub async fn handle(
             reason,
         )));
     };
+    // Shed before anything is read or allocated for the request: the point is to stop growing.
+    if ctx.memory.is_overloaded() {
+        listener.metrics.shed_requests.inc();
+        let mut shed = Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy is near its memory limit; try again shortly\n".into(),
+        );
+        shed.overloaded = true;
+        let response = refusal(shed);
+        listener.metrics.count_status(response.status());
+        return Ok(response);
+    }
     let response = match forward(&ctx, &listener, req, start).await {
         Ok(response) => response,
         Err(refused) => refusal(refused),

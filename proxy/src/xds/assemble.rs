@@ -115,6 +115,7 @@ impl XdsState {
                         routes,
                         service: None,
                         request_header_timeout: request_header_timeout.clone(),
+                        max_connections: None,
                     };
                     let missing = match routes {
                         RouteSource::Inline(r) => self.missing_cluster(r, previous),
@@ -156,6 +157,7 @@ impl XdsState {
                         routes: Vec::new(),
                         service: Some(cluster.clone()),
                         request_header_timeout: None,
+                        max_connections: None,
                     };
                     if self.cluster_ready(cluster, previous) {
                         listeners.push(listener);
@@ -245,6 +247,7 @@ impl XdsState {
             config: RawConfig {
                 admin: None,
                 drain_timeout: None,
+                memory_limit: None,
                 listeners,
                 services,
             },
