@@ -2,12 +2,13 @@
 //! state of every endpoint.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
@@ -17,6 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::balance::Load;
@@ -24,8 +26,15 @@ use crate::resilience::outlier::OutlierState;
 use crate::store::Store;
 
 pub async fn serve(listener: TcpListener, app: App) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "admin listener has no address; not serving");
+            return;
+        }
+    };
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -34,25 +43,93 @@ pub async fn serve(listener: TcpListener, app: App) {
             }
         };
         let app = app.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(respond(&app, &req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(
+            async move {
+                let access = Arc::new(Access {
+                    local,
+                    peer,
+                    shutdown: AtomicBool::new(false),
+                });
+                let (app_, access_) = (app.clone(), Arc::clone(&access));
+                let service = service_fn(move |req| {
+                    let response = respond(&app_, &req, &access_);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                // Only now, with the answer written (the response said `Connection: close`),
+                // so that a caller never sees its connection cut by the exit it asked for.
+                if access.shutdown.load(Ordering::Acquire) {
+                    tracing::info!(%peer, "POST /shutdown");
+                    app.request_shutdown();
+                }
+            }
+            .instrument(tracing::debug_span!("admin_conn", %peer)),
+        );
     }
 }
 
-fn respond(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Who is asking, for the one admin action that changes state.
+#[derive(Debug)]
+struct Access {
+    local: SocketAddr,
+    peer: SocketAddr,
+    /// Set by an accepted `POST /shutdown`; acted on once the answer is sent.
+    shutdown: AtomicBool,
+}
+
+/// `POST /shutdown` stops the whole proxy, so only a process on this host (in Kubernetes:
+/// in this pod) may ask: either the admin server listens on loopback only, or the caller
+/// connected from loopback.
+pub fn shutdown_allowed(local: SocketAddr, peer: SocketAddr) -> bool {
+    is_loopback(local.ip()) || is_loopback(peer.ip())
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn shutdown<B>(req: &Request<B>, access: &Access) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use POST /shutdown to drain and stop the proxy\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !shutdown_allowed(access.local, access.peer) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "POST /shutdown is accepted from loopback only\n".into(),
+        );
+    }
+    access.shutdown.store(true, Ordering::Release);
+    let mut r = text(StatusCode::ACCEPTED, "draining\n".into());
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+fn respond<B>(app: &App, req: &Request<B>, access: &Access) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/shutdown" {
+        return shutdown(req, access);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is supported\n".into(),
+            "only GET is supported (and POST /shutdown)\n".into(),
         );
     }
     match req.uri().path() {
@@ -92,7 +169,8 @@ fn respond(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/endpoints" => json_response(endpoints_json(app.store())),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config_dump /endpoints\n".into(),
+            "not found; try /live /ready /metrics /config_dump /endpoints (POST /shutdown)\n"
+                .into(),
         ),
     }
 }
@@ -237,6 +315,57 @@ impl Collector for EndpointCollector {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn access(local: &str, peer: &str) -> Access {
+        Access {
+            local: local.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            shutdown: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn shutdown_is_for_loopback_callers_or_a_loopback_admin_only() {
+        let ok = |l: &str, p: &str| shutdown_allowed(l.parse().unwrap(), p.parse().unwrap());
+        assert!(ok("127.0.0.1:15000", "127.0.0.1:5000"));
+        assert!(ok("0.0.0.0:15000", "127.0.0.1:5000"));
+        assert!(ok("[::]:15000", "[::1]:5000"));
+        assert!(ok("[::]:15000", "[::ffff:127.0.0.1]:5000"));
+        assert!(!ok("0.0.0.0:15000", "10.0.0.7:5000"));
+        assert!(!ok("[::]:15000", "[2001:db8::1]:5000"));
+    }
+
+    #[test]
+    fn shutdown_wants_post_and_answers_403_to_remote_callers() {
+        let app = crate::app::App::new();
+        let req = |m: Method| {
+            Request::builder()
+                .method(m)
+                .uri("/shutdown")
+                .body(())
+                .unwrap()
+        };
+
+        let remote = access("0.0.0.0:15000", "10.0.0.7:5000");
+        assert_eq!(
+            respond(&app, &req(Method::POST), &remote).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert!(!remote.shutdown.load(Ordering::Acquire));
+
+        let local = access("127.0.0.1:15000", "127.0.0.1:5000");
+        let get = respond(&app, &req(Method::GET), &local);
+        assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(get.headers()[header::ALLOW], "POST");
+        assert!(!local.shutdown.load(Ordering::Acquire));
+        assert_eq!(
+            respond(&app, &req(Method::POST), &local).status(),
+            StatusCode::ACCEPTED
+        );
+        assert!(local.shutdown.load(Ordering::Acquire));
+    }
+
     #[test]
     fn metrics_include_families_and_collectors() {
         let app = crate::app::App::new();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::config::{Config, ConfigError, load_file};
 use crate::listener::{self, ListenerHandle};
 use crate::metrics::{Metrics, ReloadResult};
+use crate::overload::{MemoryGuard, PressureChange, REFRESH_INTERVAL};
 use crate::snapshot::Snapshot;
 use crate::store::{Store, new_store};
 
@@ -44,6 +45,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     registry: Registry,
     drain: CancellationToken,
+    /// Fired by `POST /shutdown`; `main` treats it as SIGTERM.
+    shutdown: CancellationToken,
     tracker: TaskTracker,
     listeners: tokio::sync::Mutex<HashMap<Arc<str>, ListenerHandle>>,
     bound: std::sync::Mutex<HashMap<String, SocketAddr>>,
@@ -54,6 +57,10 @@ struct Inner {
     xds_status: std::sync::Mutex<Option<serde_json::Value>>,
     /// One probing task per endpoint of services with an active health check.
     health_checks: crate::health::Checkers,
+    memory: Arc<MemoryGuard>,
+    /// `--memory-limit` in bytes, 0 when unset; wins over the config's `memory_limit` (an
+    /// xDS-fed proxy has no file to set it in).
+    memory_limit_flag: AtomicU64,
 }
 
 impl Default for App {
@@ -76,6 +83,7 @@ impl App {
                 metrics,
                 registry,
                 drain: CancellationToken::new(),
+                shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 listeners: tokio::sync::Mutex::new(HashMap::new()),
                 bound: std::sync::Mutex::new(HashMap::new()),
@@ -83,6 +91,8 @@ impl App {
                 sweeping: AtomicBool::new(false),
                 xds_status: std::sync::Mutex::new(None),
                 health_checks: Default::default(),
+                memory: Arc::default(),
+                memory_limit_flag: AtomicU64::new(0),
             }),
         }
     }
@@ -101,9 +111,11 @@ impl App {
 
     /// True once listeners are bound and a config is in force, until draining starts.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire)
+        self.inner.ready.load(Ordering::Acquire) && !self.is_draining()
     }
 
+    /// Marks the proxy ready (or not). Draining wins: a config that finishes applying after
+    /// SIGTERM (an xDS response in flight) must not turn `/ready` back to 200.
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::Release);
     }
@@ -148,6 +160,7 @@ impl App {
             {
                 tracing::warn!(error = %e, "cannot handle SIGUSR1");
             }
+            self.spawn_memory_guard();
         }
         let config = Arc::new(config);
         let mut running = inner.listeners.lock().await;
@@ -209,18 +222,20 @@ impl App {
         inner
             .health_checks
             .reconcile(&next, &inner.tracker, &inner.drain);
+        // A new limit is in force before the first connection of a new listener is accepted.
+        self.refresh_memory();
 
         for (l, socket) in bound {
             if let Some(old) = running.remove(&l.name) {
                 old.retire().await;
             }
-            match listener::start(
-                l,
-                socket,
-                Arc::clone(&inner.store),
-                inner.tracker.clone(),
-                inner.drain.clone(),
-            ) {
+            let shared = listener::Shared {
+                store: Arc::clone(&inner.store),
+                tracker: inner.tracker.clone(),
+                drain: inner.drain.clone(),
+                memory: Arc::clone(&inner.memory),
+            };
+            match listener::start(l, socket, shared) {
                 Ok(handle) => {
                     running.insert(Arc::clone(&l.name), handle);
                 }
@@ -282,6 +297,16 @@ impl App {
             );
         }
         done
+    }
+
+    /// Asks the process to drain and exit, as SIGTERM does (`POST /shutdown`).
+    pub fn request_shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Completes once [`App::request_shutdown`] has been called.
+    pub async fn shutdown_requested(&self) {
+        self.inner.shutdown.cancelled().await;
     }
 
     /// A token that fires when draining starts.
@@ -357,6 +382,67 @@ impl App {
             }
         };
         tokio::spawn(task.instrument(tracing::info_span!("pool_sweeper")));
+    }
+
+    /// Sets `--memory-limit` (bytes); it overrides the config's `memory_limit`.
+    pub fn set_memory_limit(&self, limit: Option<u64>) {
+        self.inner
+            .memory_limit_flag
+            .store(limit.unwrap_or(0), Ordering::Relaxed);
+        self.refresh_memory();
+    }
+
+    /// The limit in force: the flag, else the config's.
+    fn memory_limit(&self) -> Option<u64> {
+        match self.inner.memory_limit_flag.load(Ordering::Relaxed) {
+            0 => self.inner.store.load().config.memory_limit,
+            flag => Some(flag),
+        }
+    }
+
+    /// Re-reads RSS against the limit in force; logs and exports the outcome.
+    fn refresh_memory(&self) {
+        let limit = self.memory_limit();
+        let guard = &self.inner.memory;
+        let change = guard.refresh(limit);
+        let metrics = self.metrics();
+        metrics
+            .resident_memory
+            .set(i64::try_from(guard.rss()).unwrap_or(i64::MAX));
+        metrics
+            .memory_overloaded
+            .set(i64::from(guard.is_overloaded()));
+        match change {
+            Some(PressureChange::Entered) => tracing::warn!(
+                rss = guard.rss(),
+                limit,
+                "resident memory over 90% of memory_limit: refusing new connections, answering new requests 503"
+            ),
+            Some(PressureChange::Left) => tracing::info!(
+                rss = guard.rss(),
+                limit,
+                "resident memory back under 85% of memory_limit: serving new work again"
+            ),
+            None => {}
+        }
+    }
+
+    /// Re-reads RSS every [`REFRESH_INTERVAL`]: one reader for the whole process, so the
+    /// request path only loads a flag.
+    fn spawn_memory_guard(&self) {
+        let app = self.clone();
+        let task = async move {
+            let drain = app.drain_signal();
+            let mut tick = tokio::time::interval(REFRESH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = drain.cancelled() => break,
+                    _ = tick.tick() => app.refresh_memory(),
+                }
+            }
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("memory_guard")));
     }
 
     async fn reload_text(&self, path: &std::path::Path, text: &str) {

@@ -7,8 +7,10 @@
 //! - [`http`]: downstream serving, route matching, header rules, upstream pools.
 //! - [`tcp`]: opaque forwarding.
 //! - [`listener`]: binding and accept loops.
+//! - [`overload`]: per-listener connection caps and the memory guard.
 //! - [`app`]: wiring, reload and drain; [`admin`]: the admin server; [`metrics`].
 //! - [`demo`]: the self-contained demo behind `tern-proxy demo`.
+//! - [`wait_ready`]: `tern-proxy wait-ready`, polling `/ready` for entrypoints and probes.
 
 pub mod admin;
 pub mod app;
@@ -20,9 +22,11 @@ pub mod health;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod overload;
 pub mod resilience;
 pub mod snapshot;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
+pub mod wait_ready;
 pub mod xds;

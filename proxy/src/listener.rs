@@ -1,4 +1,5 @@
-//! Binding listeners and running their accept loops; each connection becomes a tracked task.
+//! Binding listeners and running their accept loops; each connection becomes a tracked task,
+//! admitted under the listener's connection cap and the memory guard.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use crate::config::{Listener, ListenerKind};
 use crate::detect::{self, Outcome, ServerFirstMemory};
 use crate::http::forward::ConnContext;
 use crate::http::server;
+use crate::overload::{ConnLimit, ConnSlot, MemoryGuard};
 use crate::store::Store;
 
 const BACKLOG: i32 = 1024;
@@ -59,40 +61,43 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// What every accept loop shares with the rest of the proxy.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub store: Store,
+    /// Every connection is a task here, so that draining can wait for them.
+    pub tracker: TaskTracker,
+    pub drain: CancellationToken,
+    pub memory: Arc<MemoryGuard>,
+}
+
 /// Starts the accept loop of a bound listener.
 pub fn start(
     config: &Listener,
     listener: TcpListener,
-    store: Store,
-    tracker: TaskTracker,
-    drain: CancellationToken,
+    shared: Shared,
 ) -> std::io::Result<ListenerHandle> {
     let bound = listener.local_addr()?;
-    let stop = drain.child_token();
+    let stop = shared.drain.child_token();
     // Connections drain with the process or when this listener is retired.
-    let retired = drain.child_token();
+    let retired = shared.drain.child_token();
     let name = Arc::clone(&config.name);
     let span = tracing::info_span!("listener", name = %name, address = %bound);
     let kind = match &config.kind {
-        ListenerKind::Http { .. } => Kind::Http(Arc::new(server::builder(config.header_timeout))),
+        ListenerKind::Http { .. } => Kind::Http {
+            builder: Arc::new(server::builder(config.header_timeout)),
+            header_timeout: config.header_timeout,
+        },
         ListenerKind::Tcp { .. } => Kind::Tcp,
         ListenerKind::Auto { detect_timeout, .. } => Kind::Auto {
             builder: Arc::new(server::builder(config.header_timeout)),
+            header_timeout: config.header_timeout,
             memory: Arc::new(ServerFirstMemory::default()),
             timeout: *detect_timeout,
         },
     };
     let task = tokio::spawn(
-        accept_loop(
-            listener,
-            name,
-            kind,
-            store,
-            tracker,
-            retired.clone(),
-            stop.clone(),
-        )
-        .instrument(span),
+        accept_loop(listener, name, kind, shared, retired.clone(), stop.clone()).instrument(span),
     );
     Ok(ListenerHandle {
         configured: config.address,
@@ -107,26 +112,32 @@ pub fn start(
 type HttpBuilder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
 
 enum Kind {
-    Http(Arc<HttpBuilder>),
+    Http {
+        builder: Arc<HttpBuilder>,
+        header_timeout: Duration,
+    },
     Tcp,
     Auto {
         builder: Arc<HttpBuilder>,
+        header_timeout: Duration,
         /// Destinations that spoke first, for this listener's lifetime.
         memory: Arc<ServerFirstMemory>,
         timeout: Duration,
     },
 }
 
+/// `retired` fires when this listener's connections must drain (the listener was retired,
+/// or the process drains); `stop` ends the accept loop.
 async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
     kind: Kind,
-    store: Store,
-    tracker: TaskTracker,
-    drain: CancellationToken,
+    shared: Shared,
+    retired: CancellationToken,
     stop: CancellationToken,
 ) {
     tracing::info!("accepting connections");
+    let open = ConnLimit::default();
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -141,50 +152,74 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Accepting and closing at once, rather than leaving connections in the backlog,
+        // tells a flooding client no at once and keeps the backlog for clients after it.
+        let Some(slot) = admit(&shared.store, &shared.memory, &name, &open) else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", %client);
+        let context = || {
+            Arc::new(ConnContext::new(
+                Arc::clone(&shared.store),
+                Arc::clone(&name),
+                client,
+                shared.tracker.clone(),
+                retired.clone(),
+                Arc::clone(&shared.memory),
+            ))
+        };
         match &kind {
-            Kind::Http(builder) => {
+            Kind::Http {
+                builder,
+                header_timeout,
+            } => {
                 let builder = Arc::clone(builder);
-                let ctx = Arc::new(ConnContext::new(
-                    Arc::clone(&store),
-                    Arc::clone(&name),
-                    client,
-                    tracker.clone(),
-                    drain.clone(),
-                ));
-                let drain = drain.clone();
-                tracker.spawn(
-                    async move { server::serve(&builder, stream, ctx, drain).await }
-                        .instrument(span),
+                let header_timeout = *header_timeout;
+                let ctx = context();
+                let drain = retired.clone();
+                shared.tracker.spawn(
+                    async move {
+                        let _slot = slot;
+                        server::serve(&builder, header_timeout, stream, ctx, drain).await
+                    }
+                    .instrument(span),
                 );
             }
             Kind::Tcp => {
-                let store = Arc::clone(&store);
+                let store = Arc::clone(&shared.store);
                 let name = Arc::clone(&name);
-                let drain = drain.clone();
-                tracker.spawn(
-                    async move { crate::tcp::serve(&store, &name, stream, client, drain).await }
-                        .instrument(span),
+                let drain = retired.clone();
+                shared.tracker.spawn(
+                    async move {
+                        let _slot = slot;
+                        crate::tcp::serve(&store, &name, stream, client, drain).await
+                    }
+                    .instrument(span),
                 );
             }
             Kind::Auto {
                 builder,
+                header_timeout,
                 memory,
                 timeout,
             } => {
-                let (builder, memory, timeout) =
-                    (Arc::clone(builder), Arc::clone(memory), *timeout);
-                let ctx = Arc::new(ConnContext::new(
-                    Arc::clone(&store),
+                let (builder, header_timeout, memory, timeout) = (
+                    Arc::clone(builder),
+                    *header_timeout,
+                    Arc::clone(memory),
+                    *timeout,
+                );
+                let ctx = context();
+                let (store, name, drain) = (
+                    Arc::clone(&shared.store),
                     Arc::clone(&name),
-                    client,
-                    tracker.clone(),
-                    drain.clone(),
-                ));
-                let (store, name, drain) = (Arc::clone(&store), Arc::clone(&name), drain.clone());
-                tracker.spawn(
+                    retired.clone(),
+                );
+                shared.tracker.spawn(
                     async move {
+                        let _slot = slot;
                         // The destination this listener stands for; with interception it
                         // will be the connection's original destination.
                         let destination = stream.local_addr().unwrap_or(client);
@@ -202,7 +237,9 @@ async fn accept_loop(
                         }
                         tracing::debug!(outcome = outcome.as_str(), "protocol detected");
                         match outcome {
-                            o if o.is_http() => server::serve(&builder, stream, ctx, drain).await,
+                            o if o.is_http() => {
+                                server::serve(&builder, header_timeout, stream, ctx, drain).await
+                            }
                             Outcome::Closed => {}
                             _ => crate::tcp::serve(&store, &name, stream, client, drain).await,
                         }
@@ -213,4 +250,20 @@ async fn accept_loop(
         }
     }
     tracing::info!("stopped accepting connections");
+}
+
+/// Whether an accepted connection may stay: not while the memory guard sheds (a flood must
+/// not grow the process), nor past the listener's `max_connections`. Refusals are counted.
+fn admit(store: &Store, memory: &MemoryGuard, name: &str, open: &ConnLimit) -> Option<ConnSlot> {
+    let snapshot = store.load();
+    let listener = snapshot.listeners.get(name)?;
+    if memory.is_overloaded() {
+        listener.metrics.shed_connections.inc();
+        return None;
+    }
+    let slot = open.try_acquire(listener.config.max_connections as usize);
+    if slot.is_none() {
+        listener.metrics.overflow.inc();
+    }
+    slot
 }

@@ -38,6 +38,11 @@ struct Args {
     /// Time in-flight work gets after SIGTERM when following xDS.
     #[arg(long, default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
+    /// Resident memory to stay under, e.g. `512MiB` (overrides `memory_limit` in the file;
+    /// the only way to set it with `--xds`). Past 90% of it, new connections are refused and
+    /// new requests answered 503.
+    #[arg(long, value_parser = memory_limit)]
+    memory_limit: Option<u64>,
     /// Admin server address (overrides `admin.address` in the file).
     #[arg(long)]
     admin_address: Option<SocketAddr>,
@@ -66,17 +71,37 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Waits until a proxy's `/ready` answers 200 (exit 0), or exits 1 at the timeout. For
+    /// entrypoints (`tern-proxy wait-ready --admin 127.0.0.1:15000 && exec app`) and
+    /// Kubernetes startup probes.
+    WaitReady {
+        /// The proxy's admin address, `host:port`.
+        #[arg(long)]
+        admin: String,
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        /// Time between tries.
+        #[arg(long, default_value = "200ms", value_parser = duration)]
+        interval: Duration,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text)
 }
 
+fn memory_limit(text: &str) -> Result<u64, String> {
+    tern_proxy::config::parse_memory_limit(text)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(
         args.log_json,
-        matches!(args.command, Some(Command::Demo(_))),
+        matches!(
+            args.command,
+            Some(Command::Demo(_) | Command::WaitReady { .. })
+        ),
     );
     let workers = args
         .worker_threads
@@ -108,6 +133,11 @@ fn main() -> ExitCode {
             .block_on(tern_proxy::demo::run(demo))
             .map(|()| ExitCode::SUCCESS),
         Some(Command::Check { config }) => Ok(check(&config)),
+        Some(Command::WaitReady {
+            admin,
+            timeout,
+            interval,
+        }) => Ok(runtime.block_on(wait_ready(&admin, timeout, interval))),
         None => match (args.config.clone(), args.xds.clone()) {
             (Some(path), _) => runtime.block_on(run(args, path)),
             (None, Some(server)) => runtime.block_on(run_xds(args, server)),
@@ -141,6 +171,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+async fn wait_ready(admin: &str, timeout: Duration, interval: Duration) -> ExitCode {
+    match tern_proxy::wait_ready::wait_ready(admin, timeout, interval).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-proxy wait-ready: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
     // Validate everything before binding anything.
     let (config, text, source) = match app::load(&path) {
@@ -156,6 +196,7 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
         .context("installing the SIGTERM handler")?;
 
     let app = App::new();
+    app.set_memory_limit(args.memory_limit);
     let version = app
         .apply(config, source)
         .await
@@ -172,10 +213,7 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
     app.set_ready(true);
     tracing::info!(version, listeners = ?app.bound_addresses(), "tern-proxy ready");
 
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
-    }
+    stop_requested(&app, &mut terminate).await;
     let clean = app.drain(drain_timeout).await;
     tracing::info!(clean, "drained; exiting");
     Ok(ExitCode::SUCCESS)
@@ -187,6 +225,7 @@ async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let app = App::new();
+    app.set_memory_limit(args.memory_limit);
     if let Some(addr) = args.admin_address {
         let bound = app
             .serve_admin(addr)
@@ -206,14 +245,20 @@ async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
     let follower = tokio::spawn(
         tern_proxy::xds::run(app.clone(), options, stop).instrument(tracing::info_span!("xds")),
     );
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
-    }
+    stop_requested(&app, &mut terminate).await;
     let clean = app.drain(args.drain_timeout).await;
     let _ = follower.await;
     tracing::info!(clean, "drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM, an interrupt or `POST /shutdown`: all three start the same drain.
+async fn stop_requested(app: &App, terminate: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+        () = app.shutdown_requested() => tracing::info!("POST /shutdown: draining"),
+    }
 }
 
 /// The host name, which is the pod name on Kubernetes.

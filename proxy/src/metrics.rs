@@ -116,6 +116,19 @@ pub enum Direction {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub listener: String,
+    pub kind: ShedKind,
+}
+
+/// What the memory guard turned away.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ShedKind {
+    Connection,
+    Request,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: ReloadResult,
 }
@@ -142,6 +155,7 @@ label_values! {
     FailureReason { Connect => "connect", Reset => "reset" }
     Direction { Upstream => "upstream", Downstream => "downstream" }
     ReloadResult { Ok => "ok", Failed => "failed" }
+    ShedKind { Connection => "connection", Request => "request" }
 }
 
 /// Every metric family of the proxy.
@@ -159,6 +173,12 @@ pub struct Metrics {
     tcp_bytes: Family<TcpBytesLabels, Counter>,
     upgrades: Family<ListenerLabels, Counter>,
     detections: Family<DetectLabels, Counter>,
+    listener_overflow: Family<ListenerLabels, Counter>,
+    memory_shed: Family<ShedLabels, Counter>,
+    /// Resident memory at the memory guard's last read.
+    pub resident_memory: Gauge,
+    /// 1 while the memory guard sheds new work.
+    pub memory_overloaded: Gauge,
     reloads: Family<ReloadLabels, Counter>,
     xds_nacks: Counter,
     retries: Family<RetryLabels, Counter>,
@@ -184,6 +204,12 @@ pub struct ListenerMetrics {
     pub upgrades: Counter,
     /// Auto listeners: connections by detection outcome (`detect::Outcome::index`).
     pub detections: [Counter; 8],
+    /// Connections closed at accept because `max_connections` were open.
+    pub overflow: Counter,
+    /// Connections closed at accept by the memory guard.
+    pub shed_connections: Counter,
+    /// Requests answered 503 by the memory guard.
+    pub shed_requests: Counter,
 }
 
 impl ListenerMetrics {
@@ -268,6 +294,10 @@ impl Metrics {
             tcp_bytes: Family::default(),
             upgrades: Family::default(),
             detections: Family::default(),
+            listener_overflow: Family::default(),
+            memory_shed: Family::default(),
+            resident_memory: Gauge::default(),
+            memory_overloaded: Gauge::default(),
             reloads: Family::default(),
             xds_nacks: Counter::default(),
             retries: Family::default(),
@@ -341,6 +371,26 @@ impl Metrics {
             m.detections.clone(),
         );
         r.register(
+            "listener_overflow",
+            "Connections closed as soon as accepted because the listener had max_connections open",
+            m.listener_overflow.clone(),
+        );
+        r.register(
+            "memory_shed",
+            "Connections closed at accept and requests answered 503 while resident memory was over 90% of memory_limit",
+            m.memory_shed.clone(),
+        );
+        r.register(
+            "resident_memory_bytes",
+            "Resident memory of the proxy process, as the memory guard last read it",
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "memory_overloaded",
+            "1 while the memory guard sheds new connections and requests",
+            m.memory_overloaded.clone(),
+        );
+        r.register(
             "retries",
             "Requests retried, by service and the condition that caused it",
             m.retries.clone(),
@@ -400,6 +450,10 @@ impl Metrics {
             listener: name.to_string(),
             direction,
         };
+        let shed = |kind| ShedLabels {
+            listener: name.to_string(),
+            kind,
+        };
         ListenerMetrics {
             requests: CLASSES.map(|status_class| {
                 self.requests.get_or_create_owned(&ListenerClassLabels {
@@ -424,6 +478,13 @@ impl Metrics {
                     outcome: outcome.as_str(),
                 })
             }),
+            overflow: self.listener_overflow.get_or_create_owned(&l),
+            shed_connections: self
+                .memory_shed
+                .get_or_create_owned(&shed(ShedKind::Connection)),
+            shed_requests: self
+                .memory_shed
+                .get_or_create_owned(&shed(ShedKind::Request)),
         }
     }
 

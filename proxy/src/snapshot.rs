@@ -213,6 +213,7 @@ impl Snapshot {
                 drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
                 opaque_ports: crate::detect::DEFAULT_OPAQUE_PORTS.to_vec(),
                 access_log: None,
+                memory_limit: None,
                 listeners: Vec::new(),
                 services: Vec::new(),
                 raw: Default::default(),

@@ -241,5 +241,9 @@ async fn sigusr1_never_kills_a_proxy_without_a_log_file() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(get(&http1_client(), web, "x", "/", &[]).await.status, 200);
-    assert_eq!(proxy.wait_exit(Duration::from_millis(10)).await, None, "SIGUSR1 killed it");
+    assert_eq!(
+        proxy.wait_exit(Duration::from_millis(10)).await,
+        None,
+        "SIGUSR1 killed it"
+    );
 }

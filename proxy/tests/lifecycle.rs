@@ -1,16 +1,19 @@
 //! The proxy as a process: bad config exits 2 before binding, admin endpoints, reload on file
-//! change and SIGHUP under load with no failed request, invalid reloads rejected, SIGTERM drain.
+//! change and SIGHUP under load with no failed request, invalid reloads rejected, `wait-ready`,
+//! and the two ways to stop it (SIGTERM, `POST /shutdown`), both draining in-flight work.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
 use support::*;
 
 fn config(listen: SocketAddr, endpoints: &[(SocketAddr, u32)], lb: &str) -> String {
@@ -171,7 +174,7 @@ async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
     for (i, eps) in steps.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         std::fs::write(&path, config(listen, eps, "least_request")).unwrap();
-        wait_for_version(&proxy, i as u64 + 2).await;
+        proxy.wait_for_version(i as u64 + 2).await;
     }
     let c_before = c.hits();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -195,7 +198,7 @@ async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
     // SIGHUP re-reads the (fixed) file.
     std::fs::write(&path, config(listen, &[(a.addr, 1)], "round_robin")).unwrap();
     proxy.signal("HUP");
-    wait_for_version(&proxy, 6).await;
+    proxy.wait_for_version(6).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -207,30 +210,25 @@ async fn reload_under_load_fails_no_request_and_rejects_invalid_files() {
     assert_eq!(failed, 0, "{failed} requests failed out of {}", ok + failed);
 }
 
-async fn wait_for_version(proxy: &ProxyProcess, version: u64) {
-    for _ in 0..100 {
-        let dump: serde_json::Value =
-            serde_json::from_str(&proxy.admin_get("/config_dump").await.body).unwrap();
-        if dump["version"].as_u64() >= Some(version) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("config version {version} never applied: {}", proxy.log());
-}
-
-#[tokio::test]
-async fn sigterm_drains_in_flight_requests_then_exits_0() {
-    let dir = TempDir::new("drain");
-    let up = Upstream::start("a").await;
+/// Starts a proxy in front of one upstream; returns it with the listener address.
+async fn running_proxy(dir: &TempDir, up: &Upstream) -> (ProxyProcess, SocketAddr) {
     let (listen, admin) = (local(free_port()), local(free_port()));
     let path = dir.0.join("c.yaml");
     std::fs::write(&path, config(listen, &[(up.addr, 1)], "round_robin")).unwrap();
     let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
     proxy.wait_ready().await;
+    (proxy, listen)
+}
 
-    // A request that takes 1 s is in flight when SIGTERM arrives.
-    let slow = tokio::spawn(async move {
+/// Requests that take 1 s, over HTTP/1.1 and HTTP/2, sent now; they are in flight when the
+/// caller stops the proxy.
+fn slow_requests(
+    listen: SocketAddr,
+) -> (
+    tokio::task::JoinHandle<Reply>,
+    tokio::task::JoinHandle<Reply>,
+) {
+    let h1 = tokio::spawn(async move {
         get(
             &http1_client(),
             listen,
@@ -240,31 +238,168 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h2 = tokio::spawn(async move {
+        get(
+            &h2c_client(),
+            listen,
+            "x",
+            "/slow",
+            &[("x-delay-ms", "1000")],
+        )
+        .await
+    });
+    (h1, h2)
+}
 
-    // Draining: not ready, and no new connections accepted.
-    // The admin server keeps answering while draining, so orchestrators see the state.
+/// While draining: `/ready` is 503, the listener accepts nothing, the admin server answers.
+async fn assert_draining(proxy: &ProxyProcess, listen: SocketAddr) {
     let ready = tokio::time::timeout(Duration::from_secs(2), proxy.admin_get("/ready"))
         .await
         .expect("admin answers during drain");
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.body, "draining\n");
     assert!(
         tokio::net::TcpStream::connect(listen).await.is_err(),
         "listener must be closed while draining"
     );
+}
 
-    let reply = slow.await.unwrap();
+/// The in-flight requests complete; HTTP/1.1 is told the connection ends with this response
+/// (hyper's graceful shutdown adds `Connection: close`); the process exits 0.
+async fn assert_drained(
+    proxy: &mut ProxyProcess,
+    (h1, h2): (
+        tokio::task::JoinHandle<Reply>,
+        tokio::task::JoinHandle<Reply>,
+    ),
+) {
+    let h1 = h1.await.unwrap();
     assert_eq!(
-        reply.status,
+        h1.status,
         StatusCode::OK,
-        "the in-flight request completes"
+        "the in-flight HTTP/1.1 request completes"
+    );
+    assert_eq!(h1.header("connection"), "close");
+    let h2 = h2.await.unwrap();
+    assert_eq!(
+        h2.status,
+        StatusCode::OK,
+        "the in-flight HTTP/2 request completes"
     );
     assert_eq!(
         proxy.wait_exit(Duration::from_secs(5)).await,
         Some(0),
         "{}",
         proxy.log()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let dir = TempDir::new("drain");
+    let up = Upstream::start("a").await;
+    let (mut proxy, listen) = running_proxy(&dir, &up).await;
+
+    let slow = slow_requests(listen);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_draining(&proxy, listen).await;
+    assert_drained(&mut proxy, slow).await;
+}
+
+/// `POST /shutdown` is SIGTERM over HTTP, for a batch Job's app that must stop its sidecar.
+#[tokio::test]
+async fn post_shutdown_drains_in_flight_requests_then_exits_0() {
+    let dir = TempDir::new("shutdown");
+    let up = Upstream::start("a").await;
+    let (mut proxy, listen) = running_proxy(&dir, &up).await;
+
+    let wrong = proxy.admin_get("/shutdown").await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong.header("allow"), "POST");
+    assert_eq!(proxy.admin_get("/ready").await.status, StatusCode::OK);
+
+    let slow = slow_requests(listen);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let post = Request::post(format!("http://{}/shutdown", proxy.admin))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let accepted = send(&http1_client(), post).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", accepted.body);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_draining(&proxy, listen).await;
+    assert_drained(&mut proxy, slow).await;
+    assert!(
+        proxy.log().contains("POST /shutdown: draining"),
+        "{}",
+        proxy.log()
+    );
+}
+
+fn wait_ready_command(admin: SocketAddr, timeout: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern-proxy"));
+    cmd.args([
+        "wait-ready",
+        "--admin",
+        &admin.to_string(),
+        "--timeout",
+        timeout,
+    ])
+    .args(["--interval", "50ms"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+#[tokio::test]
+async fn wait_ready_times_out_against_a_closed_port() {
+    let closed = local(free_port());
+    let start = Instant::now();
+    let out = wait_ready_command(closed, "500ms").output().unwrap();
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "http://{closed}/ready did not answer 200 within 500ms"
+        )) && stderr.contains("connect"),
+        "{stderr}"
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "gave up after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn wait_ready_blocks_until_the_proxy_is_ready() {
+    let dir = TempDir::new("waitready");
+    let up = Upstream::start("a").await;
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let mut waiter = wait_ready_command(admin, "30s").spawn().unwrap();
+    // Nothing listens yet: it keeps waiting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "wait-ready returned before any proxy ran"
+    );
+
+    let path = dir.0.join("c.yaml");
+    std::fs::write(&path, config(listen, &[(up.addr, 1)], "round_robin")).unwrap();
+    let _proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = waiter.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "wait-ready never returned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    // Ready means served: the listener answers at once.
+    assert_eq!(
+        get(&http1_client(), listen, "x", "/", &[]).await.status,
+        StatusCode::OK
     );
 }

@@ -3,6 +3,7 @@
 mod duration;
 mod load;
 mod model;
+mod size;
 mod validate;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use http::{HeaderName, HeaderValue};
 pub use duration::parse_duration;
 pub use load::{ConfigError, load_file, parse_yaml};
 pub use model::*;
+pub use size::{parse_memory_limit, parse_size};
 
 pub use crate::health::{HealthCheckConfig, ProbeKind};
 pub use crate::resilience::breaker::BreakerConfig;
@@ -30,6 +32,13 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pooled upstream connections are closed after this much idleness, below the 5 s keep-alive
 /// of Node.js and similar servers, so that Tern is the side that closes (no "503 UC" race).
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default cap on connections open at once on one listener: far above what one sidecar's app
+/// sees, low enough that a flood cannot take every file descriptor.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Most connections a listener may be configured to hold.
+pub const MAX_MAX_CONNECTIONS: u32 = 1_000_000;
+/// The smallest `memory_limit` accepted; anything below is a unit mistake.
+pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 
 /// A validated configuration: every name resolves, every address parses.
 #[derive(Debug, Clone)]
@@ -39,6 +48,9 @@ pub struct Config {
     /// Sorted; see `RawConfig::opaque_ports`.
     pub opaque_ports: Vec<u16>,
     pub access_log: Option<crate::telemetry::access_log::AccessLogConfig>,
+    /// Bytes of resident memory the process should stay under: past 90% of it, new
+    /// connections are refused and new requests get 503. `None`: no guard.
+    pub memory_limit: Option<u64>,
     pub listeners: Vec<Listener>,
     pub services: Vec<Service>,
     /// The file as parsed, for `/config_dump`.
@@ -50,6 +62,8 @@ pub struct Listener {
     pub name: Arc<str>,
     pub address: SocketAddr,
     pub header_timeout: Duration,
+    /// Connections open at once; past it, new ones are closed as soon as accepted.
+    pub max_connections: u32,
     pub kind: ListenerKind,
 }
 

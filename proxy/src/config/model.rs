@@ -21,6 +21,10 @@ pub struct RawConfig {
     pub opaque_ports: Option<Vec<u16>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<RawTelemetry>,
+    /// Resident memory the proxy should stay under, e.g. `512MiB`: past 90% of it, new
+    /// connections are refused and new requests answered 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<RawSize>,
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
@@ -45,6 +49,14 @@ pub struct RawAccessLog {
     /// For `text`: `%FIELD%` placeholders; default `access_log::DEFAULT_TEMPLATE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+}
+
+/// A byte size as written: `512MiB`, or a bare number of bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +84,9 @@ pub struct RawListener {
     /// connection as a server-speaks-first protocol (default `100ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detect_timeout: Option<String>,
+    /// Connections open at once on this listener (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

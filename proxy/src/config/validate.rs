@@ -25,6 +25,11 @@ impl TryFrom<RawConfig> for Config {
             raw.drain_timeout.as_deref(),
             DEFAULT_DRAIN_TIMEOUT,
         )?;
+        let memory_limit = raw
+            .memory_limit
+            .as_ref()
+            .map(|size| validate_memory_limit("memory_limit", size))
+            .transpose()?;
 
         let mut service_names = HashSet::new();
         let mut services = Vec::with_capacity(raw.services.len());
@@ -75,6 +80,8 @@ impl TryFrom<RawConfig> for Config {
                 l.request_header_timeout.as_deref(),
                 DEFAULT_HEADER_TIMEOUT,
             )?;
+            let max_connections =
+                validate_max_connections(&format!("{at}.max_connections"), l.max_connections)?;
             let kind = match l.protocol {
                 RawListenerProtocol::Http => {
                     if l.service.is_some() {
@@ -123,6 +130,7 @@ impl TryFrom<RawConfig> for Config {
                 name,
                 address,
                 header_timeout,
+                max_connections,
                 kind,
             });
         }
@@ -154,6 +162,7 @@ impl TryFrom<RawConfig> for Config {
             drain_timeout,
             opaque_ports,
             access_log,
+            memory_limit,
             listeners,
             services,
             raw: Arc::new(raw),
@@ -432,6 +441,29 @@ fn validate_weight(at: &str, weight: Option<u32>) -> Result<u32, ConfigError> {
         )),
         Some(w) => Ok(w),
     }
+}
+
+fn validate_max_connections(at: &str, max: Option<u32>) -> Result<u32, ConfigError> {
+    match max {
+        None => Ok(DEFAULT_MAX_CONNECTIONS),
+        Some(0) => Err(ConfigError::field(
+            at,
+            "max_connections must be at least 1 (remove the listener to accept nothing)",
+        )),
+        Some(n) if n > MAX_MAX_CONNECTIONS => Err(ConfigError::field(
+            at,
+            format!("max_connections {n} is above the maximum of {MAX_MAX_CONNECTIONS}"),
+        )),
+        Some(n) => Ok(n),
+    }
+}
+
+fn validate_memory_limit(at: &str, size: &RawSize) -> Result<u64, ConfigError> {
+    let parsed = match size {
+        RawSize::Bytes(n) => parse_memory_limit(&n.to_string()),
+        RawSize::Text(text) => parse_memory_limit(text),
+    };
+    parsed.map_err(|reason| ConfigError::field(at, reason))
 }
 
 fn parse_addr(at: &str, text: &str) -> Result<SocketAddr, ConfigError> {

@@ -22,6 +22,7 @@ use super::pool::UpstreamBody;
 use super::route;
 use super::upgrade::{UpgradeKind, keep_upgrade_headers, tunnel};
 use crate::config::UpstreamProtocol;
+use crate::overload::MemoryGuard;
 use crate::resilience::breaker::{Limit, Permit};
 use crate::resilience::outlier::Observation;
 use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe_default};
@@ -41,6 +42,7 @@ pub struct ConnContext {
     /// Fires when the listener is retired or the process drains; tunnels then get the
     /// drain timeout.
     pub retired: CancellationToken,
+    pub memory: Arc<MemoryGuard>,
 }
 
 impl ConnContext {
@@ -50,6 +52,7 @@ impl ConnContext {
         client: SocketAddr,
         tasks: TaskTracker,
         retired: CancellationToken,
+        memory: Arc<MemoryGuard>,
     ) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -59,6 +62,7 @@ impl ConnContext {
             client_ip,
             tasks,
             retired,
+            memory,
         }
     }
 }
@@ -67,7 +71,8 @@ impl ConnContext {
 struct Refusal {
     status: StatusCode,
     reason: String,
-    /// A circuit breaker said no: the answer carries `x-tern-overloaded: true`.
+    /// A circuit breaker or the memory guard said no: the answer carries
+    /// `x-tern-overloaded: true`.
     overloaded: bool,
     /// Why, for the access log.
     flag: Flag,
@@ -171,6 +176,22 @@ pub async fn handle(
         }
         return Ok(refusal(refused));
     };
+    // Shed before anything is read or allocated for the request: the point is to stop growing.
+    if ctx.memory.is_overloaded() {
+        listener.metrics.shed_requests.inc();
+        let mut shed = Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy is near its memory limit; try again shortly\n".into(),
+        )
+        .with_flag(Flag::Overloaded);
+        shed.overloaded = true;
+        if let Some(slot) = slot {
+            slot.emit(shed.status, shed.flag, shed.reason.len() as u64, start);
+        }
+        let response = refusal(shed);
+        listener.metrics.count_status(response.status());
+        return Ok(response);
+    }
     let response = match forward(&ctx, &listener, req, start, &mut slot).await {
         Ok(response) => {
             // Not streamed through a tracked body (an upgrade's 101): logged now.

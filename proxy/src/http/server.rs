@@ -1,5 +1,6 @@
 //! Serving one downstream connection: HTTP/1.1 or HTTP/2 (prior knowledge), detected from
-//! the first bytes, with header timeouts and limits, and graceful shutdown on drain.
+//! the first bytes (which must come within the header timeout), with header timeouts and
+//! limits, and graceful shutdown on drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::forward::{ConnContext, handle};
@@ -39,14 +41,33 @@ pub fn builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The HTTP/2 connection preface; hyper-util's version detection reads this many bytes.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How often a client trickling the preface is looked at again (`peek` does not wait for
+/// more bytes than it already has).
+const TRICKLE_POLL: Duration = Duration::from_millis(10);
+
 /// Serves a connection until the client closes it, or finishes in-flight requests and closes
 /// it (HTTP/2 GOAWAY, HTTP/1 close after the current response) once `drain` fires.
+///
+/// A client that says nothing for `header_timeout` is dropped before hyper sees it: hyper
+/// times out HTTP/1 heads (also between keep-alive requests, so idle HTTP/1 connections close
+/// after that long), but its HTTP/1-or-2 detection waits for the first bytes forever.
 pub async fn serve(
     builder: &auto::Builder<TokioExecutor>,
+    header_timeout: Duration,
     stream: TcpStream,
     ctx: Arc<ConnContext>,
     drain: CancellationToken,
 ) {
+    let spoke = tokio::select! {
+        spoke = first_bytes(&stream, header_timeout) => spoke,
+        () = drain.cancelled() => false,
+    };
+    if !spoke {
+        tracing::debug!("client sent no request in time; closing");
+        return;
+    }
     let service = service_fn(move |req| handle(Arc::clone(&ctx), req));
     // With upgrades: a 101 or a CONNECT 200 hands the connection to a tunnel (`upgrade.rs`).
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -60,5 +81,44 @@ pub async fn serve(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// Waits, up to `timeout`, until the client has sent enough to tell HTTP/1 from HTTP/2.
+/// False when it closed or stayed silent.
+async fn first_bytes(stream: &TcpStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        if version_known(&buf[..n]) {
+            return true;
+        }
+        if Instant::now() + TRICKLE_POLL >= deadline {
+            return false;
+        }
+        tokio::time::sleep(TRICKLE_POLL).await;
+    }
+}
+
+/// True once `bytes` are either a whole HTTP/2 preface or no longer a prefix of one.
+pub fn version_known(bytes: &[u8]) -> bool {
+    bytes.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_is_known_once_the_bytes_leave_the_h2_preface() {
+        assert!(version_known(b"GET / HTTP/1.1\r\n"));
+        assert!(version_known(b"PO"));
+        assert!(version_known(H2_PREFACE));
+        assert!(!version_known(b"P"));
+        assert!(!version_known(b"PRI * HTTP/2.0"));
     }
 }

@@ -120,6 +120,7 @@ impl XdsState {
                         service: opaque.as_ref().map(|o| o.cluster.clone()),
                         request_header_timeout: request_header_timeout.clone(),
                         detect_timeout: opaque.as_ref().map(|o| o.detect_timeout.clone()),
+                        max_connections: None,
                     };
                     let missing = match routes {
                         RouteSource::Inline(r) => self.missing_cluster(r, previous),
@@ -168,6 +169,7 @@ impl XdsState {
                         service: Some(cluster.clone()),
                         request_header_timeout: None,
                         detect_timeout: None,
+                        max_connections: None,
                     };
                     if self.cluster_ready(cluster, previous) {
                         listeners.push(listener);
@@ -259,6 +261,7 @@ impl XdsState {
                 drain_timeout: None,
                 opaque_ports: None,
                 telemetry: None,
+                memory_limit: None,
                 listeners,
                 services,
             },

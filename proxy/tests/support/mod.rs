@@ -330,6 +330,34 @@ impl ProxyProcess {
         get(&client, self.admin, "admin", path, &[]).await
     }
 
+    /// Waits until `/config_dump` reports at least `version` (a reload was applied).
+    pub async fn wait_for_version(&self, version: u64) {
+        for _ in 0..100 {
+            let dump: serde_json::Value =
+                serde_json::from_str(&self.admin_get("/config_dump").await.body).unwrap();
+            if dump["version"].as_u64() >= Some(version) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("config version {version} never applied: {}", self.log());
+    }
+
+    /// The child's resident memory (`VmRSS`), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        tern_proxy::overload::parse_vm_rss(&status).unwrap()
+    }
+
+    /// The value of one series in `/metrics` (the line starting with `series`), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.admin_get("/metrics").await.body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
     /// Waits up to `limit` for the process to exit; returns its exit code.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = tokio::time::Instant::now() + limit;
@@ -381,6 +409,41 @@ pub async fn h2_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendReq
             .unwrap();
     tokio::spawn(conn);
     send
+}
+
+/// One HTTP/1.1 connection to `addr`, for tests that need to know which connection a request
+/// travels on.
+pub async fn http1_connect(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A GET on a given HTTP/1.1 connection.
+pub async fn get_on(
+    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+) -> Reply {
+    let req = Request::get(path)
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 pub fn empty() -> Empty<Bytes> {

@@ -165,3 +165,49 @@ fn shipped_mesh_example_is_valid() {
     let config = parse_yaml(text).expect("deploy/examples/mesh.yaml must stay valid");
     assert_eq!(config.services.len(), 3);
 }
+
+#[test]
+fn listener_connection_cap_defaults_and_is_bounded() {
+    let config = parse_yaml(ISSUE_EXAMPLE).expect("valid");
+    assert_eq!(config.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(config.memory_limit, None);
+    let capped = ISSUE_EXAMPLE.replace(
+        "    service: echo\n",
+        "    service: echo\n    max_connections: 500\n",
+    );
+    assert_eq!(
+        parse_yaml(&capped).expect("valid").listeners[1].max_connections,
+        500
+    );
+    let zero = ISSUE_EXAMPLE.replace(
+        "    service: echo\n",
+        "    service: echo\n    max_connections: 0\n",
+    );
+    let (path, reason) = field_error(&zero);
+    assert_eq!(path, "listeners[1].max_connections");
+    assert!(reason.contains("at least 1"), "{reason}");
+    let huge = ISSUE_EXAMPLE.replace(
+        "    service: echo\n",
+        "    service: echo\n    max_connections: 2000000\n",
+    );
+    assert_eq!(field_error(&huge).0, "listeners[1].max_connections");
+}
+
+#[test]
+fn memory_limit_takes_sizes_and_names_the_field_when_wrong() {
+    let with = |v: &str| format!("memory_limit: {v}\n{ISSUE_EXAMPLE}");
+    assert_eq!(
+        parse_yaml(&with("512MiB")).expect("valid").memory_limit,
+        Some(512 << 20)
+    );
+    assert_eq!(
+        parse_yaml(&with("1Gi")).expect("valid").memory_limit,
+        Some(1 << 30)
+    );
+    let (path, reason) = field_error(&with("512"));
+    assert_eq!(path, "memory_limit");
+    assert!(reason.contains("minimum of 1MiB"), "{reason}");
+    let (path, reason) = field_error(&with("512XB"));
+    assert_eq!(path, "memory_limit");
+    assert!(reason.contains("unknown unit"), "{reason}");
+}
