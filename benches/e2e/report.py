@@ -10,7 +10,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["direct", "nginx", "haproxy", "tern", "tern_policy", "tern_log", "tern_b"]
+ORDER = ["direct", "nginx", "haproxy", "tern", "tern_policy", "tern_log", "tern_t1", "tern_t100", "tern_b"]
 LABEL = {
     "direct": "direct (upstream nginx)",
     "nginx": "nginx 1 worker",
@@ -18,6 +18,8 @@ LABEL = {
     "tern": "tern-proxy",
     "tern_policy": "tern-proxy + resilience policies",
     "tern_log": "tern-proxy + JSON access log to a file",
+    "tern_t1": "tern-proxy + tracing, 1 % sampled",
+    "tern_t100": "tern-proxy + tracing, 100 % sampled",
     "tern_b": "tern-proxy B (TERN_BIN_B)",
 }
 

@@ -4,7 +4,8 @@
 # the same upstream and the same load generators in the same run. Prints tables of ratios.
 # `tern-policy` is the same binary with retries, timeouts, breaker, outlier detection and
 # health checks configured: its ratio to `tern` is the cost of the resilience layers.
-# `tern-log` is the same binary writing a JSON access log line per request to a file.
+# `tern-log` is the same binary writing a JSON access log line per request to a file;
+# `tern-t100` / `tern-t1` trace 100 % / 1 % of requests over OTLP to `otlp_sink`.
 #
 # Placement: load generators on core 0, upstream and proxy under test on core 1.
 # Per round and target: wrk (max HTTP/1.1 throughput), oha at a fixed rate (latency with
@@ -49,6 +50,11 @@ if [ -z "${TERN_BIN:-}" ]; then
     fi
 fi
 [ -x "$TERN_BIN" ] || die "no tern-proxy binary at $TERN_BIN"
+OTLP_SINK="${OTLP_SINK:-${CARGO_TARGET_DIR:-$ROOT/target}/release/otlp_sink}"
+if [ ! -x "$OTLP_SINK" ]; then
+    log "building otlp_sink (release)"
+    (cd "$ROOT" && cargo build --release -p tern-benches --bin otlp_sink) >&2 || true
+fi
 
 # Other work on the machine skews everything: say how busy it was before and during the run.
 LOAD_START="$(cut -d' ' -f1 /proc/loadavg)"
@@ -75,9 +81,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Free loopback ports, chosen by the kernel.
-read -r P_UP P_UP_H2 P_NGX P_NGX_H2 P_HA P_HA_H2 P_TERN P_ADMIN P_TERN_B P_ADMIN_B P_TERN_P P_ADMIN_P P_TERN_L P_ADMIN_L < <(python3 -c '
+read -r P_UP P_UP_H2 P_NGX P_NGX_H2 P_HA P_HA_H2 P_TERN P_ADMIN P_TERN_B P_ADMIN_B P_TERN_P P_ADMIN_P P_TERN_L P_ADMIN_L P_OTLP P_TERN_T1 P_ADMIN_T1 P_TERN_T100 P_ADMIN_T100 < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(14)]
+socks = [socket.socket() for _ in range(19)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 for s in socks: s.close()')
@@ -206,7 +212,15 @@ tern_log_conf() { # file, admin port, listener port
     tern_conf "$1" "$2" "$3"
     printf 'telemetry:\n  access_log: { path: "%s", format: json }\n' "$TMP/tern/access.log" >>"$1"
 }
+# The same proxy tracing every request (ratio 1.0) or 1 % of them, exporting over OTLP/gRPC
+# to `otlp_sink` (on the load generators' core: the collector's work is not the proxy's).
+tern_trace_conf() { # file, admin port, listener port, ratio
+    tern_conf "$1" "$2" "$3"
+    printf 'telemetry:\n  tracing: { otlp_endpoint: "http://127.0.0.1:%s", sample_ratio: %s }\n' "$P_OTLP" "$4" >>"$1"
+}
 mkdir -p "$TMP/tern"
+tern_trace_conf "$TMP/tern/tern-t1.yaml" "$P_ADMIN_T1" "$P_TERN_T1" 0.01
+tern_trace_conf "$TMP/tern/tern-t100.yaml" "$P_ADMIN_T100" "$P_TERN_T100" 1.0
 tern_conf "$TMP/tern/tern.yaml" "$P_ADMIN" "$P_TERN"
 tern_log_conf "$TMP/tern/tern-log.yaml" "$P_ADMIN_L" "$P_TERN_L"
 tern_conf "$TMP/tern/tern-b.yaml" "$P_ADMIN_B" "$P_TERN_B"
@@ -287,6 +301,19 @@ start tern_log env RUST_LOG=warn "$TERN_BIN" --config "$TMP/tern/tern-log.yaml"
 wait_http "http://127.0.0.1:$P_ADMIN_L/ready" tern_log
 wait_http "http://127.0.0.1:$P_TERN_L/" tern_log
 TARGETS+=(tern_log)
+if [ -x "$OTLP_SINK" ]; then
+    taskset -c "$LOADGEN_CPU" "$OTLP_SINK" --address "127.0.0.1:$P_OTLP" >"$TMP/otlp_sink.out" 2>&1 &
+    PIDS+=("$!")
+    for t in t1 t100; do
+        eval "port=\$P_TERN_$(echo $t | tr a-z A-Z); admin=\$P_ADMIN_$(echo $t | tr a-z A-Z)"
+        start "tern_$t" env RUST_LOG=warn "$TERN_BIN" --config "$TMP/tern/tern-$t.yaml"
+        wait_http "http://127.0.0.1:$admin/ready" "tern_$t"
+        wait_http "http://127.0.0.1:$port/" "tern_$t"
+        TARGETS+=("tern_$t")
+    done
+else
+    log "no otlp_sink at $OTLP_SINK: tracing rows skipped"
+fi
 if [ -n "${TERN_BIN_B:-}" ]; then
     start tern_b env RUST_LOG=warn "$TERN_BIN_B" --config "$TMP/tern/tern-b.yaml"
     wait_http "http://127.0.0.1:$P_ADMIN_B/ready" tern_b
@@ -316,6 +343,10 @@ URL[tern_policy]="http://127.0.0.1:$P_TERN_P/"; H2URL[tern_policy]="http://127.0
 PROCS[tern_policy]="$PID_tern_policy"
 URL[tern_log]="http://127.0.0.1:$P_TERN_L/"; H2URL[tern_log]="http://127.0.0.1:$P_TERN_L/"
 PROCS[tern_log]="$PID_tern_log"
+URL[tern_t1]="http://127.0.0.1:$P_TERN_T1/"; H2URL[tern_t1]="http://127.0.0.1:$P_TERN_T1/"
+URL[tern_t100]="http://127.0.0.1:$P_TERN_T100/"; H2URL[tern_t100]="http://127.0.0.1:$P_TERN_T100/"
+[ -n "${PID_tern_t1:-}" ] && PROCS[tern_t1]="$PID_tern_t1"
+[ -n "${PID_tern_t100:-}" ] && PROCS[tern_t100]="$PID_tern_t100"
 URL[tern_b]="http://127.0.0.1:$P_TERN_B/"; H2URL[tern_b]="http://127.0.0.1:$P_TERN_B/"
 [ -n "${TERN_BIN_B:-}" ] && PROCS[tern_b]="$PID_tern_b"
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 
 use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::traces::Tracing;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -215,6 +216,15 @@ impl App {
                 settings.clone(),
                 inner.metrics.access_log.clone(),
             )));
+        }
+        if next.tracing.is_none()
+            && let Some(settings) = &config.tracing
+        {
+            match Tracing::start(settings.clone(), inner.metrics.traces.clone()) {
+                Ok(t) => next.tracing = Some(Arc::new(t)),
+                // The config was validated; a failure here is the exporter's own setup.
+                Err(e) => tracing::error!(error = %e, "tracing disabled"),
+            }
         }
         let next = Arc::new(next);
         let version = next.version;

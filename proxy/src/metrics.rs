@@ -188,6 +188,8 @@ pub struct Metrics {
     ejections: Family<EndpointLabels, Counter>,
     /// Shared by every access log writer the process runs.
     pub access_log: crate::telemetry::access_log::LogCounters,
+    /// Shared by every tracer the process runs.
+    pub traces: crate::telemetry::traces::TraceCounters,
 }
 
 /// Handles for one listener.
@@ -306,6 +308,7 @@ impl Metrics {
             timeouts: Family::default(),
             ejections: Family::default(),
             access_log: Default::default(),
+            traces: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("tern");
         r.register(
@@ -424,6 +427,21 @@ impl Metrics {
             "access_log_records_dropped",
             "Access log lines dropped because the writer's queue was full (the request was not slowed)",
             m.access_log.dropped.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Spans accepted by the OTLP receiver",
+            m.traces.exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Sampled spans not exported: the export queue was full or the export failed (requests were not slowed)",
+            m.traces.dropped.clone(),
+        );
+        r.register(
+            "trace_export_failures",
+            "OTLP export calls that failed (collector down or refusing)",
+            m.traces.export_failures.clone(),
         );
         r.register(
             "xds_nacks",

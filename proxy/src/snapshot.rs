@@ -33,6 +33,8 @@ pub struct Snapshot {
     /// Set by `App::apply` when the config asks for access logs (kept across snapshots
     /// while its settings stay the same).
     pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
+    /// Likewise for tracing.
+    pub tracing: Option<Arc<crate::telemetry::traces::Tracing>>,
 }
 
 #[derive(Debug)]
@@ -213,6 +215,7 @@ impl Snapshot {
                 drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
                 opaque_ports: crate::detect::DEFAULT_OPAQUE_PORTS.to_vec(),
                 access_log: None,
+                tracing: None,
                 memory_limit: None,
                 listeners: Vec::new(),
                 services: Vec::new(),
@@ -221,6 +224,7 @@ impl Snapshot {
             listeners: HashMap::new(),
             services: HashMap::new(),
             access_log: None,
+            tracing: None,
         }
     }
 
@@ -337,6 +341,10 @@ impl Snapshot {
             .access_log
             .clone()
             .filter(|log| Some(log.config()) == config.access_log.as_ref());
+        let tracing = previous
+            .tracing
+            .clone()
+            .filter(|t| Some(t.config()) == config.tracing.as_ref());
         Snapshot {
             version: previous.version + 1,
             source,
@@ -344,6 +352,7 @@ impl Snapshot {
             listeners,
             services,
             access_log,
+            tracing,
         }
     }
 }

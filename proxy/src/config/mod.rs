@@ -48,6 +48,7 @@ pub struct Config {
     /// Sorted; see `RawConfig::opaque_ports`.
     pub opaque_ports: Vec<u16>,
     pub access_log: Option<crate::telemetry::access_log::AccessLogConfig>,
+    pub tracing: Option<crate::telemetry::traces::TracingConfig>,
     /// Bytes of resident memory the process should stay under: past 90% of it, new
     /// connections are refused and new requests get 503. `None`: no guard.
     pub memory_limit: Option<u64>,

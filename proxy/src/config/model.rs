@@ -20,7 +20,7 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opaque_ports: Option<Vec<u16>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub telemetry: Option<RawTelemetry>,
+    pub telemetry: Option<Box<RawTelemetry>>,
     /// Resident memory the proxy should stay under, e.g. `512MiB`: past 90% of it, new
     /// connections are refused and new requests answered 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -36,6 +36,21 @@ pub struct RawConfig {
 pub struct RawTelemetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<RawAccessLog>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// OTLP/gRPC receiver, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: String,
+    /// Fraction of new traces sampled (default 0.01); a sampled parent is always honoured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_ratio: Option<f64>,
+    /// `service.name` of the exported spans (default `tern-proxy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

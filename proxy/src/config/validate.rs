@@ -156,18 +156,59 @@ impl TryFrom<RawConfig> for Config {
             .and_then(|t| t.access_log.as_ref())
             .map(validate_access_log)
             .transpose()?;
+        let tracing = raw
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.tracing.as_ref())
+            .map(validate_tracing)
+            .transpose()?;
 
         Ok(Config {
             admin,
             drain_timeout,
             opaque_ports,
             access_log,
+            tracing,
             memory_limit,
             listeners,
             services,
             raw: Arc::new(raw),
         })
     }
+}
+
+fn validate_tracing(
+    raw: &crate::config::model::RawTracing,
+) -> Result<crate::telemetry::traces::TracingConfig, ConfigError> {
+    let at = "telemetry.tracing";
+    let uri: http::Uri = raw.otlp_endpoint.parse().map_err(|e| {
+        ConfigError::field(format!("{at}.otlp_endpoint"), format!("not a URI: {e}"))
+    })?;
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.authority().is_none() {
+        return Err(ConfigError::field(
+            format!("{at}.otlp_endpoint"),
+            "must be http://host:port or https://host:port (OTLP over gRPC)",
+        ));
+    }
+    let sample_ratio = raw.sample_ratio.unwrap_or(0.01);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(ConfigError::field(
+            format!("{at}.sample_ratio"),
+            format!("{sample_ratio} is not between 0 and 1"),
+        ));
+    }
+    let service_name = raw
+        .service_name
+        .clone()
+        .unwrap_or_else(|| "tern-proxy".into());
+    if service_name.is_empty() {
+        return Err(ConfigError::field(format!("{at}.service_name"), "empty"));
+    }
+    Ok(crate::telemetry::traces::TracingConfig {
+        otlp_endpoint: raw.otlp_endpoint.clone(),
+        sample_ratio,
+        service_name,
+    })
 }
 
 fn validate_access_log(

@@ -16,6 +16,7 @@ use super::pool::Lease;
 use crate::balance::InFlight;
 use crate::resilience::breaker::Permit;
 use crate::telemetry::access_log::{AccessLog, Record};
+use crate::telemetry::traces::ServerSpan;
 
 /// What the proxy answers with: a forwarded upstream body or its own short body.
 pub type ProxyBody = Either<Tracked, Full<Bytes>>;
@@ -45,6 +46,8 @@ struct Done {
     /// The access log record, written when the response ends (only when logging is on).
     log: Option<Box<(Arc<AccessLog>, Record)>>,
     bytes: u64,
+    /// The request's server span and the response status, ended with the response.
+    span: Option<(ServerSpan, u16)>,
 }
 
 impl Drop for Done {
@@ -56,6 +59,9 @@ impl Drop for Done {
             record.set_duration(elapsed);
             record.bytes_sent = self.bytes;
             log.emit(record);
+        }
+        if let Some((span, status)) = self.span.take() {
+            span.end(status, "-");
         }
     }
 }
@@ -76,6 +82,7 @@ impl Tracked {
             start,
             log: None,
             bytes: 0,
+            span: None,
         });
         let mut tracked = Tracked { inner, done, lease };
         // An empty body (HEAD, 204, `content-length: 0`) may never be polled.
@@ -83,6 +90,14 @@ impl Tracked {
             give_back(&mut tracked.lease);
         }
         tracked
+    }
+
+    /// Ends `span` when the response ends.
+    pub fn traced(mut self, span: Option<(ServerSpan, u16)>) -> Self {
+        if let Some(done) = self.done.as_mut() {
+            done.span = span;
+        }
+        self
     }
 
     /// Writes `log`'s record when the response ends, with its duration and bytes sent.

@@ -29,6 +29,7 @@ use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe
 use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
 use crate::telemetry::access_log::{AccessLog, Flag, Record};
+use crate::telemetry::traces::{AttemptSpan, ServerSpan, Tracing};
 
 /// What one downstream connection needs to serve requests.
 #[derive(Debug)]
@@ -154,14 +155,19 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let (listener, log) = {
+    let (listener, log, tracer) = {
         let snapshot = ctx.store.load();
         (
             snapshot.listeners.get(&ctx.listener).cloned(),
             snapshot.access_log.clone(),
+            snapshot.tracing.clone(),
         )
     };
+    let mut span = tracer.map(|t| server_span(&t, &ctx, &req));
     let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req));
+    if let (Some(slot), Some(span)) = (slot.as_mut(), span.as_ref()) {
+        slot.record.trace_id = span.trace_id();
+    }
     let Some(listener) = listener else {
         let reason = format!("listener {} was removed\n", ctx.listener);
         let refused =
@@ -173,6 +179,9 @@ pub async fn handle(
                 refused.reason.len() as u64,
                 start,
             );
+        }
+        if let Some(span) = span {
+            span.end(refused.status.as_u16(), refused.flag.as_str());
         }
         return Ok(refusal(refused));
     };
@@ -188,15 +197,21 @@ pub async fn handle(
         if let Some(slot) = slot {
             slot.emit(shed.status, shed.flag, shed.reason.len() as u64, start);
         }
+        if let Some(span) = span {
+            span.end(shed.status.as_u16(), shed.flag.as_str());
+        }
         let response = refusal(shed);
         listener.metrics.count_status(response.status());
         return Ok(response);
     }
-    let response = match forward(&ctx, &listener, req, start, &mut slot).await {
+    let response = match forward(&ctx, &listener, req, start, &mut slot, &mut span).await {
         Ok(response) => {
             // Not streamed through a tracked body (an upgrade's 101): logged now.
             if let Some(slot) = slot {
                 slot.emit(response.status(), Flag::None, 0, start);
+            }
+            if let Some(span) = span {
+                span.end(response.status().as_u16(), Flag::None.as_str());
             }
             response
         }
@@ -208,6 +223,9 @@ pub async fn handle(
                     refused.reason.len() as u64,
                     start,
                 );
+            }
+            if let Some(span) = span {
+                span.end(refused.status.as_u16(), refused.flag.as_str());
             }
             refusal(refused)
         }
@@ -234,6 +252,7 @@ async fn forward(
     req: Request<Incoming>,
     start: Instant,
     slot: &mut Option<LogSlot>,
+    span: &mut Option<ServerSpan>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let (ListenerRtKind::Http { routes } | ListenerRtKind::Auto { routes, .. }) = &listener.kind
     else {
@@ -327,8 +346,18 @@ async fn forward(
                 _ => return Err(internal("streamed request body already sent")),
             },
         };
-        let request = upstream_request(parts, upstream_body, service, endpoint, &ctx.client_ip)
+        let mut request = upstream_request(parts, upstream_body, service, endpoint, &ctx.client_ip)
             .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+        let attempt_span = span.as_ref().map(|s| {
+            attempt_span(
+                s,
+                &method,
+                service,
+                endpoint,
+                retrier.retries,
+                request.headers_mut(),
+            )
+        });
 
         let state = &endpoint.state;
         let in_flight = state.load.start();
@@ -343,6 +372,14 @@ async fn forward(
             Some(at) => tokio::time::timeout_at(at, state.pool.send(request)).await,
             None => Ok(state.pool.send(request).await),
         };
+        if let Some(a) = attempt_span {
+            match &sent {
+                Ok(Ok((response, _))) => a.end(Some(response.status().as_u16()), None),
+                Ok(Err(e)) if e.is_connect() => a.end(None, Some("connect_failure")),
+                Ok(Err(_)) => a.end(None, Some("reset")),
+                Err(_) => a.end(None, Some("timeout")),
+            }
+        }
         let (reason, delay) = match sent {
             Ok(Ok((response, lease))) => {
                 // One clock read serves the EWMA, the histogram and outlier detection.
@@ -392,6 +429,12 @@ async fn forward(
                             }
                             (s.log, s.record)
                         });
+                        if let Some(s) = span.as_ref() {
+                            s.set_attribute(opentelemetry::KeyValue::new(
+                                "tern.retries",
+                                i64::from(retrier.retries),
+                            ));
+                        }
                         let body = Tracked::new(
                             response_body,
                             lease,
@@ -400,7 +443,8 @@ async fn forward(
                             listener.metrics.duration.clone(),
                             start,
                         )
-                        .logged(logged);
+                        .logged(logged)
+                        .traced(span.take().map(|s| (s, status)));
                         return Ok(Response::from_parts(parts, Either::Left(body)));
                     }
                 }
@@ -686,6 +730,74 @@ async fn forward_upgrade(
         .instrument(span),
     );
     Ok(Response::from_parts(rparts, full(Bytes::new())))
+}
+
+/// The server span of a request, with the HTTP semantic-convention attributes known at its
+/// start.
+fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>) -> ServerSpan {
+    use opentelemetry::KeyValue;
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.split(':').next().unwrap_or(h).to_string())
+        })
+        .unwrap_or_default();
+    let attributes = vec![
+        KeyValue::new("http.request.method", req.method().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("url.scheme", "http"),
+        KeyValue::new("server.address", host),
+        KeyValue::new(
+            "network.protocol.version",
+            if req.version() == Version::HTTP_2 {
+                "2"
+            } else {
+                "1.1"
+            },
+        ),
+        KeyValue::new(
+            "client.address",
+            ctx.client_ip.to_str().unwrap_or("").to_string(),
+        ),
+        KeyValue::new("tern.listener", ctx.listener.to_string()),
+    ];
+    tracer.server_span(req.headers(), attributes, req.method().to_string())
+}
+
+/// The client span of one upstream attempt; it writes `traceparent` into `headers`.
+fn attempt_span(
+    span: &ServerSpan,
+    method: &http::Method,
+    service: &ServiceRt,
+    endpoint: &Endpoint,
+    retries: u32,
+    headers: &mut http::HeaderMap,
+) -> AttemptSpan {
+    use opentelemetry::KeyValue;
+    let addr = endpoint.state.addr;
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.to_string()),
+        KeyValue::new("server.address", addr.ip().to_string()),
+        KeyValue::new("server.port", i64::from(addr.port())),
+        KeyValue::new("tern.service", service.config.name.to_string()),
+        KeyValue::new("tern.endpoint", endpoint.state.label.clone()),
+    ];
+    if retries > 0 {
+        attributes.push(KeyValue::new(
+            "http.request.resend_count",
+            i64::from(retries),
+        ));
+    }
+    span.attempt(
+        format!("{method} {}", service.config.name),
+        attributes,
+        headers,
+    )
 }
 
 /// Small bodies of known length (and bodiless requests) can be read whole and replayed.

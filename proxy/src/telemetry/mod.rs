@@ -1,3 +1,4 @@
-//! What the proxy tells about the traffic besides metrics: access logs.
+//! What the proxy tells about the traffic besides metrics: access logs and traces.
 
 pub mod access_log;
+pub mod traces;

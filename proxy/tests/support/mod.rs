@@ -25,7 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An HTTP upstream that reports what it saw. Request headers steer it:
 /// `x-delay-ms` (answer late), `x-status` (status code). The request body is streamed back.
-/// Response headers: `x-upstream` (its name), `x-seen-host`, `x-seen-xff`, `x-seen-version`,
+/// Response headers: `x-upstream` (its name), `x-seen-host`, `x-seen-xff`,
+/// `x-seen-traceparent`, `x-seen-version`,
 /// `x-seen-hop` (1 if any hop-by-hop header arrived).
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -128,6 +129,7 @@ async fn upstream_answer(
         .header("x-upstream", &name)
         .header("x-seen-host", host)
         .header("x-seen-xff", header("x-forwarded-for"))
+        .header("x-seen-traceparent", header("traceparent"))
         .header("x-seen-version", format!("{:?}", req.version()))
         .header("x-seen-hop", if hop { "1" } else { "0" })
         .header(

@@ -1,0 +1,463 @@
+//! Distributed tracing: a server span per request and a client span per upstream attempt (so
+//! retries show), W3C Trace Context read and propagated (B3 accepted on the way in),
+//! parent-based ratio sampling, export over OTLP/gRPC.
+//!
+//! Export never touches the request path: a finished span goes into a bounded queue
+//! ([`QueueProcessor`]); a full queue drops it and counts it. One task batches the queue and
+//! calls the OTLP exporter; a collector that is down costs failed exports (counted), not
+//! latency.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use http::header::HeaderValue;
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
+};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+
+/// Finished spans waiting for export; past this, new ones are dropped (and counted).
+pub const QUEUE: usize = 8192;
+const BATCH: usize = 512;
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// `http://host:port` of an OTLP/gRPC receiver.
+    pub otlp_endpoint: String,
+    /// Fraction of new traces sampled; an incoming sampled flag is honoured either way.
+    pub sample_ratio: f64,
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TraceCounters {
+    pub exported: Counter,
+    pub dropped: Counter,
+    pub export_failures: Counter,
+}
+
+/// The tracer of a running config.
+#[derive(Debug)]
+pub struct Tracing {
+    config: TracingConfig,
+    tracer: SdkTracer,
+    // Kept so the processor (and its queue) lives as long as this config.
+    _provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Builds the exporter and starts the export task (needs a tokio runtime).
+    pub fn start(config: TracingConfig, counters: TraceCounters) -> Result<Tracing, String> {
+        let resource = Resource::builder_empty()
+            .with_attribute(KeyValue::new("service.name", config.service_name.clone()))
+            .build();
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(config.otlp_endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| format!("OTLP exporter for {}: {e}", config.otlp_endpoint))?;
+        // The SDK's own processors hand the resource to their exporter; this one does too.
+        exporter.set_resource(&resource);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(tracing::Instrument::instrument(
+            export_loop(rx, exporter, counters.clone()),
+            tracing::info_span!("otlp_export"),
+        ));
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                config.sample_ratio,
+            ))))
+            .with_span_processor(QueueProcessor {
+                tx,
+                dropped: counters.dropped,
+            })
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("tern-proxy");
+        Ok(Tracing {
+            config,
+            tracer,
+            _provider: provider,
+        })
+    }
+
+    pub fn config(&self) -> &TracingConfig {
+        &self.config
+    }
+
+    /// Starts the server span of a request, as a child of the incoming trace context.
+    pub fn server_span(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        attributes: Vec<KeyValue>,
+        name: String,
+    ) -> ServerSpan {
+        let parent = match incoming_context(headers) {
+            Some(remote) => Context::new().with_remote_span_context(remote),
+            None => Context::new(),
+        };
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        ServerSpan {
+            tracing: Arc::clone(self),
+            cx: parent.with_span(span),
+        }
+    }
+}
+
+/// A request's server span; attempts are its children.
+#[derive(Debug)]
+pub struct ServerSpan {
+    tracing: Arc<Tracing>,
+    cx: Context,
+}
+
+impl ServerSpan {
+    pub fn trace_id(&self) -> Option<String> {
+        let sc = self.cx.span().span_context().clone();
+        sc.is_valid().then(|| sc.trace_id().to_string())
+    }
+
+    /// A client span for one upstream attempt; its context goes upstream in `traceparent`.
+    pub fn attempt(
+        &self,
+        name: String,
+        attributes: Vec<KeyValue>,
+        headers: &mut HeaderMap,
+    ) -> AttemptSpan {
+        let span = self
+            .tracing
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracing.tracer, &self.cx);
+        inject(span.span_context(), headers);
+        AttemptSpan { span }
+    }
+
+    pub fn set_attribute(&self, kv: KeyValue) {
+        self.cx.span().set_attribute(kv);
+    }
+
+    /// Ends the span with the response status (5xx and the proxy's own failures are errors).
+    pub fn end(self, status: u16, outcome: &str) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if outcome != "-" {
+            span.set_attribute(KeyValue::new("tern.outcome", outcome.to_string()));
+        }
+        if status >= 500 {
+            span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            span.set_status(Status::error(outcome.to_string()));
+        }
+        span.end();
+    }
+}
+
+/// One upstream attempt's client span.
+#[derive(Debug)]
+pub struct AttemptSpan {
+    span: opentelemetry_sdk::trace::Span,
+}
+
+impl AttemptSpan {
+    pub fn end(mut self, status: Option<u16>, error: Option<&str>) {
+        if let Some(s) = status {
+            self.span
+                .set_attribute(KeyValue::new("http.response.status_code", i64::from(s)));
+            if s >= 500 {
+                self.span
+                    .set_attribute(KeyValue::new("error.type", s.to_string()));
+            }
+        }
+        if let Some(e) = error {
+            self.span
+                .set_attribute(KeyValue::new("error.type", e.to_string()));
+            self.span.set_status(Status::error(e.to_string()));
+        }
+        self.span.end();
+    }
+}
+
+/// The trace context a request arrived with: W3C `traceparent` (+ `tracestate`) first, then
+/// B3 (single `b3` header or `x-b3-*` headers).
+pub fn incoming_context(headers: &HeaderMap) -> Option<SpanContext> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(tp) = text("traceparent") {
+        let state = text("tracestate")
+            .and_then(|s| TraceState::from_str(s).ok())
+            .unwrap_or_default();
+        return parse_traceparent(tp, state);
+    }
+    if let Some(b3) = text("b3") {
+        return parse_b3_single(b3);
+    }
+    let trace_id = text("x-b3-traceid")?;
+    let span_id = text("x-b3-spanid")?;
+    let sampled =
+        matches!(text("x-b3-sampled"), Some("1") | Some("true")) || text("x-b3-flags") == Some("1");
+    b3_context(trace_id, span_id, sampled)
+}
+
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>` (W3C Trace Context, version 00;
+/// higher versions are read by the same prefix, as the spec asks).
+pub fn parse_traceparent(value: &str, state: TraceState) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    if trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let lower_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !lower_hex(trace) || !lower_hex(span) || !lower_hex(flags) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let sc = SpanContext::new(trace_id, span_id, TraceFlags::new(flags & 1), true, state);
+    sc.is_valid().then_some(sc)
+}
+
+/// `b3: {trace id}-{span id}[-{sampling}[-{parent span id}]]`; `b3: 0` alone means "do not
+/// sample" without a context.
+pub fn parse_b3_single(value: &str) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let sampled = matches!(parts.next(), Some("1") | Some("d"));
+    b3_context(trace, span, sampled)
+}
+
+fn b3_context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
+    // 64-bit B3 trace ids are left-padded to 128 bits.
+    let trace = match trace.len() {
+        16 => format!("{:0>32}", trace),
+        32 => trace.to_string(),
+        _ => return None,
+    };
+    if span.len() != 16 {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(&trace.to_ascii_lowercase()).ok()?;
+    let span_id = SpanId::from_hex(&span.to_ascii_lowercase()).ok()?;
+    let flags = if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let sc = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
+    sc.is_valid().then_some(sc)
+}
+
+/// Writes `sc` as the W3C headers of the upstream request (B3 headers are not forwarded:
+/// the proxy speaks W3C onward).
+pub fn inject(sc: &SpanContext, headers: &mut HeaderMap) {
+    for name in [
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+    ] {
+        headers.remove(name);
+    }
+    if !sc.is_valid() {
+        return;
+    }
+    let value = format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    );
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("traceparent", v);
+    }
+    let state = sc.trace_state().header();
+    if !state.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&state)
+    {
+        headers.insert("tracestate", v);
+    }
+}
+
+/// Hands finished spans to the export task without waiting.
+#[derive(Debug)]
+struct QueueProcessor {
+    tx: mpsc::Sender<SpanData>,
+    dropped: Counter,
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Batches the queue (up to 512 spans, or what arrived within a second) and exports.
+async fn export_loop(
+    mut rx: mpsc::Receiver<SpanData>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    counters: TraceCounters,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let first = tokio::time::timeout(FLUSH_EVERY, rx.recv()).await;
+        match first {
+            Ok(Some(span)) => batch.push(span),
+            Ok(None) => break,
+            Err(_) => {}
+        }
+        while batch.len() < BATCH
+            && let Ok(span) = rx.try_recv()
+        {
+            batch.push(span);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let n = batch.len() as u64;
+        match exporter.export(std::mem::take(&mut batch)).await {
+            Ok(()) => {
+                counters.exported.inc_by(n);
+            }
+            Err(e) => {
+                counters.export_failures.inc();
+                counters.dropped.inc_by(n);
+                tracing::debug!(error = %e, spans = n, "OTLP export failed");
+            }
+        }
+        batch = Vec::with_capacity(BATCH);
+    }
+    if !batch.is_empty() {
+        let _ = exporter.export(batch).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips() {
+        let sc = parse_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            TraceState::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_sampled() && sc.is_remote());
+        let mut h = HeaderMap::new();
+        inject(&sc, &mut h);
+        assert_eq!(
+            h["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-xyz-00f067aa0ba902b7-01",
+        ] {
+            assert!(
+                parse_traceparent(bad, TraceState::default()).is_none(),
+                "{bad}"
+            );
+        }
+        // A future version with more fields is read by its prefix.
+        assert!(
+            parse_traceparent(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what",
+                TraceState::default()
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn b3_single_and_multi_headers_are_accepted() {
+        let sc = parse_b3_single("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1").unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "80f198ee56343ba864fe8b2a57d3eff7"
+        );
+        assert!(sc.is_sampled());
+        let short = parse_b3_single("64fe8b2a57d3eff7-e457b5a2e4d86bd1-0").unwrap();
+        assert_eq!(
+            short.trace_id().to_string(),
+            "000000000000000064fe8b2a57d3eff7"
+        );
+        assert!(!short.is_sampled());
+        assert!(parse_b3_single("0").is_none());
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-b3-traceid",
+            HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7"),
+        );
+        h.insert("x-b3-spanid", HeaderValue::from_static("e457b5a2e4d86bd1"));
+        h.insert("x-b3-sampled", HeaderValue::from_static("1"));
+        let sc = incoming_context(&h).unwrap();
+        assert!(sc.is_sampled());
+        // Onward the proxy speaks W3C only.
+        inject(&sc, &mut h);
+        assert!(h.contains_key("traceparent") && !h.contains_key("x-b3-traceid"));
+    }
+}

@@ -1,0 +1,249 @@
+//! Tracing on real sockets: spans exported over OTLP/gRPC to a receiver in the test (a
+//! tonic server with the OpenTelemetry protocol types), W3C context honoured and
+//! propagated, ratio sampling, and a receiver that is down costing no request.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use support::*;
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    spans.push((service.clone(), span));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn receiver() -> (SocketAddr, Receiver) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = Receiver::default();
+    let service = TraceServiceServer::new(r.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (addr, r)
+}
+
+fn config(otlp: SocketAddr, ratio: f64, api: SocketAddr) -> String {
+    format!(
+        r#"
+telemetry:
+  tracing: {{ otlp_endpoint: "http://{otlp}", sample_ratio: {ratio}, service_name: web-sidecar }}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes: [ {{ backends: [ {{ service: api }} ] }} ]
+services:
+  - name: api
+    protocol: http1
+    endpoints: [ {{ address: "{api}" }} ]
+"#
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn wait_spans(r: &Receiver, n: usize) -> Vec<(String, Span)> {
+    for _ in 0..250 {
+        let spans = r.spans.lock().unwrap().clone();
+        if spans.len() >= n {
+            return spans;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} spans: {:?}", r.spans.lock().unwrap());
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test]
+async fn spans_continue_the_clients_trace_and_the_upstream_sees_the_proxys_span() {
+    let (otlp, r) = receiver().await;
+    let api = Upstream::start("api").await;
+    let proxy = Proxy::start(&config(otlp, 0.0, api.addr)).await;
+    let parent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    let reply = get(
+        &http1_client(),
+        proxy.addr("web"),
+        "api.local",
+        "/orders",
+        &[("traceparent", &parent)],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    // The upstream's parent is the proxy's attempt span, in the client's trace.
+    let seen = reply.header("x-seen-traceparent").to_string();
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "{seen}");
+    assert_eq!(parts[1], TRACE);
+    assert_ne!(parts[2], CLIENT_SPAN);
+    assert_eq!(parts[3], "01");
+
+    // Sampled by the parent even with sample_ratio 0: a server and a client span.
+    let spans = wait_spans(&r, 2).await;
+    let server = spans
+        .iter()
+        .find(|(_, s)| s.kind == 2)
+        .expect("server span");
+    let client = spans
+        .iter()
+        .find(|(_, s)| s.kind == 3)
+        .expect("client span");
+    assert!(server.0.contains("web-sidecar"), "{}", server.0);
+    assert_eq!(hex(&server.1.trace_id), TRACE);
+    assert_eq!(hex(&server.1.parent_span_id), CLIENT_SPAN);
+    assert_eq!(hex(&client.1.trace_id), TRACE);
+    assert_eq!(client.1.parent_span_id, server.1.span_id);
+    assert_eq!(hex(&client.1.span_id), parts[2]);
+    let attr = |s: &Span, k: &str| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key == k)
+            .and_then(|kv| kv.value.as_ref())
+            .map(|v| format!("{:?}", v.value))
+            .unwrap_or_default()
+    };
+    assert!(attr(&server.1, "http.request.method").contains("GET"));
+    assert!(attr(&server.1, "url.path").contains("/orders"));
+    assert!(attr(&server.1, "http.response.status_code").contains("200"));
+    assert!(attr(&client.1, "tern.service").contains("api"));
+    assert!(attr(&client.1, "tern.endpoint").contains(&api.addr.to_string()));
+}
+
+#[tokio::test]
+async fn ratio_zero_exports_nothing_for_unsampled_or_new_traces_but_still_propagates() {
+    let (otlp, r) = receiver().await;
+    let api = Upstream::start("api").await;
+    let proxy = Proxy::start(&config(otlp, 0.0, api.addr)).await;
+    let client = http1_client();
+    // A new trace, and a parent that said "not sampled".
+    let fresh = get(&client, proxy.addr("web"), "x", "/", &[]).await;
+    let unsampled = format!("00-{TRACE}-{CLIENT_SPAN}-00");
+    let kept = get(
+        &client,
+        proxy.addr("web"),
+        "x",
+        "/",
+        &[("traceparent", &unsampled)],
+    )
+    .await;
+    assert_eq!((fresh.status.as_u16(), kept.status.as_u16()), (200, 200));
+    // Context still flows, flagged unsampled.
+    assert!(
+        fresh.header("x-seen-traceparent").ends_with("-00"),
+        "{}",
+        fresh.header("x-seen-traceparent")
+    );
+    assert!(kept.header("x-seen-traceparent").contains(TRACE));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        r.spans.lock().unwrap().is_empty(),
+        "unsampled spans were exported"
+    );
+}
+
+#[tokio::test]
+async fn b3_headers_are_accepted_and_w3c_goes_onward() {
+    let (otlp, r) = receiver().await;
+    let api = Upstream::start("api").await;
+    let proxy = Proxy::start(&config(otlp, 0.0, api.addr)).await;
+    let reply = get(
+        &http1_client(),
+        proxy.addr("web"),
+        "x",
+        "/",
+        &[("b3", &format!("{TRACE}-{CLIENT_SPAN}-1"))],
+    )
+    .await;
+    assert!(
+        reply
+            .header("x-seen-traceparent")
+            .starts_with(&format!("00-{TRACE}-"))
+    );
+    let spans = wait_spans(&r, 2).await;
+    assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == TRACE));
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_costs_no_request() {
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let api = Upstream::start("api").await;
+    let proxy = Proxy::start(&config(dead, 1.0, api.addr)).await;
+    let client = http1_client();
+    for _ in 0..200 {
+        assert_eq!(
+            get(&client, proxy.addr("web"), "x", "/", &[]).await.status,
+            200
+        );
+    }
+    // The export failures are counted, not felt.
+    let mut m = String::new();
+    for _ in 0..100 {
+        m.clear();
+        prometheus_client::encoding::text::encode(&mut m, proxy.app.registry()).unwrap();
+        if !m.contains("tern_trace_export_failures_total 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!m.contains("tern_trace_export_failures_total 0"), "{m}");
+    assert!(!m.contains("tern_trace_spans_dropped_total 0"), "{m}");
+}
+
+#[test]
+fn tracing_config_is_validated() {
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let e = tern_proxy::config::parse_yaml(&config(addr, 1.5, addr))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("telemetry.tracing.sample_ratio"), "{e}");
+    let bad = config(addr, 0.1, addr).replace("http://127.0.0.1:9", "127.0.0.1:9");
+    let e = tern_proxy::config::parse_yaml(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("telemetry.tracing.otlp_endpoint"), "{e}");
+}
