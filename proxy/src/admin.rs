@@ -141,12 +141,25 @@ fn respond<B>(app: &App, req: &Request<B>, access: &Access) -> Response<Full<Byt
             let mut out = String::with_capacity(16 * 1024);
             match prometheus_client::encoding::text::encode(&mut out, app.registry()) {
                 Ok(()) => {
-                    let mut r = text(StatusCode::OK, out);
+                    let accept = req
+                        .headers()
+                        .get(header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let (body, content_type) = if crate::exposition::wants_openmetrics(accept) {
+                        (
+                            out,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                    } else {
+                        (
+                            crate::exposition::to_classic(&out),
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )
+                    };
+                    let mut r = text(StatusCode::OK, body);
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
-                        header::HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
+                        header::HeaderValue::from_static(content_type),
                     );
                     r
                 }

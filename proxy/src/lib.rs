@@ -18,6 +18,7 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod detect;
+pub mod exposition;
 pub mod health;
 pub mod http;
 pub mod listener;

@@ -311,6 +311,20 @@ impl Metrics {
             traces: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("tern");
+        // A gauge rather than an OpenMetrics `info`: the classic text format (and promtool)
+        // has no info type.
+        let build: Family<Vec<(String, String)>, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )])
+            .set(1);
+        r.register(
+            "build_info",
+            "The running tern-proxy's version (always 1)",
+            build,
+        );
         r.register(
             "requests",
             "HTTP requests answered, by listener and status class",
