@@ -180,9 +180,10 @@ fn respond<B>(app: &App, req: &Request<B>, access: &Access) -> Response<Full<Byt
             }))
         }
         "/endpoints" => json_response(endpoints_json(app.store())),
+        "/explain" => explain(app, req),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config_dump /endpoints (POST /shutdown)\n"
+            "not found; try /live /ready /metrics /config_dump /endpoints /explain (POST /shutdown)\n"
                 .into(),
         ),
     }
@@ -227,6 +228,32 @@ fn endpoints_json(store: &Store) -> serde_json::Value {
         })
         .collect();
     json!({ "version": snapshot.version, "services": services })
+}
+
+/// `GET /explain?listener=..&host=..&path=..&header=k:v`: JSON, or text with `format=text`
+/// or `Accept: text/plain`.
+fn explain<B>(app: &App, req: &Request<B>) -> Response<Full<Bytes>> {
+    let question = match crate::explain::Question::parse(req.uri().query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let snapshot = app.store().load();
+    match crate::explain::explain(&snapshot, &question, app.xds_status(), Instant::now()) {
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Ok(answer) => {
+            let wants_text = question.text
+                || req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|a| a.starts_with("text/plain"));
+            if wants_text {
+                text(StatusCode::OK, crate::explain::render_text(&answer))
+            } else {
+                json_response(answer)
+            }
+        }
+    }
 }
 
 fn json_response(value: serde_json::Value) -> Response<Full<Bytes>> {

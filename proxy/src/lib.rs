@@ -13,11 +13,13 @@
 //! - [`wait_ready`]: `tern-proxy wait-ready`, polling `/ready` for entrypoints and probes.
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod detect;
+pub mod explain;
 pub mod exposition;
 pub mod health;
 pub mod http;

@@ -84,6 +84,27 @@ enum Command {
         #[arg(long, default_value = "200ms", value_parser = duration)]
         interval: Duration,
     },
+    /// Asks a running proxy what it would do with a request: listener, route, backends,
+    /// endpoints with their live state, policies, config version (`GET /explain`).
+    Explain {
+        /// The proxy's admin address, `host:port`.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
+        #[arg(long)]
+        listener: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// `name:value`; repeat for more.
+        #[arg(long)]
+        header: Vec<String>,
+        /// Print the JSON instead of the text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -100,7 +121,7 @@ fn main() -> ExitCode {
         args.log_json,
         matches!(
             args.command,
-            Some(Command::Demo(_) | Command::WaitReady { .. })
+            Some(Command::Demo(_) | Command::WaitReady { .. } | Command::Explain { .. })
         ),
     );
     let workers = args
@@ -138,6 +159,50 @@ fn main() -> ExitCode {
             timeout,
             interval,
         }) => Ok(runtime.block_on(wait_ready(&admin, timeout, interval))),
+        Some(Command::Explain {
+            admin,
+            listener,
+            host,
+            path,
+            method,
+            header,
+            json,
+        }) => {
+            use tern_proxy::admin_client::encode;
+            let mut query = format!(
+                "/explain?listener={}&path={}&method={}",
+                encode(&listener),
+                encode(&path),
+                encode(&method)
+            );
+            if let Some(h) = host {
+                query.push_str(&format!("&host={}", encode(&h)));
+            }
+            for h in header {
+                query.push_str(&format!("&header={}", encode(&h)));
+            }
+            if !json {
+                query.push_str("&format=text");
+            }
+            match runtime.block_on(tern_proxy::admin_client::get(
+                &admin,
+                &query,
+                Duration::from_secs(5),
+            )) {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok((status, body)) => {
+                    eprint!("tern-proxy explain: {status}: {body}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("tern-proxy explain: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         None => match (args.config.clone(), args.xds.clone()) {
             (Some(path), _) => runtime.block_on(run(args, path)),
             (None, Some(server)) => runtime.block_on(run_xds(args, server)),

@@ -76,6 +76,19 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// Each service with its weight.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<ServiceRt>, u32)> {
+        let mut previous = 0;
+        self.services
+            .iter()
+            .zip(&self.cumulative)
+            .map(move |(s, c)| {
+                let w = c - previous;
+                previous = *c;
+                (s, w)
+            })
+    }
+
     pub fn pick(&self, rng: &mut fastrand::Rng) -> &Arc<ServiceRt> {
         if self.services.len() == 1 {
             return &self.services[0];

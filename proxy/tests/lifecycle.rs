@@ -403,3 +403,73 @@ async fn wait_ready_blocks_until_the_proxy_is_ready() {
         StatusCode::OK
     );
 }
+
+/// `/explain` over HTTP and `tern-proxy explain` against a running proxy process.
+#[tokio::test]
+async fn explain_answers_over_the_admin_port_and_the_cli() {
+    let api = Upstream::start("api").await;
+    let dir = TempDir::new("explain");
+    let port = free_port();
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:{port}\n    protocol: http\n    routes:\n      - match: {{ host: api.local, headers: {{ x-canary: \"1\" }} }}\n        backends: [ {{ service: api }} ]\n        timeout: 3s\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
+        api.addr
+    );
+    let path = dir.0.join("tern.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    proxy.wait_ready().await;
+
+    let r = proxy
+        .admin_get("/explain?listener=web&host=api.local&path=/x&header=x-canary:1")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["route"]["index"], 0);
+    assert_eq!(v["route"]["timeout_ms"], 3000);
+    assert_eq!(
+        v["backends"][0]["endpoints"][0]["address"],
+        api.addr.to_string()
+    );
+    assert!(
+        v["config"]["source"]
+            .as_str()
+            .unwrap()
+            .contains("tern.yaml")
+    );
+    let r = proxy
+        .admin_get("/explain?listener=web&host=api.local&path=/x")
+        .await;
+    assert!(r.body.contains("404"), "{}", r.body);
+    assert_eq!(proxy.admin_get("/explain?listener=nope").await.status, 400);
+    assert_eq!(proxy.admin_get("/explain?host=x").await.status, 400);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "explain",
+            "--admin",
+            &admin.to_string(),
+            "--listener",
+            "web",
+        ])
+        .args([
+            "--host",
+            "api.local",
+            "--path",
+            "/x",
+            "--header",
+            "x-canary:1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("route    #0") && text.contains(&api.addr.to_string()),
+        "{text}"
+    );
+}
