@@ -25,7 +25,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -34,7 +37,9 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 fn mesh(services: usize, endpoints: usize) -> String {
-    let mut y = String::from("listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n");
+    let mut y = String::from(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n",
+    );
     for s in 0..services {
         y.push_str(&format!(
             "      - {{ match: {{ host: svc-{s}.local }}, backends: [ {{ service: svc-{s} }} ] }}\n"
@@ -42,7 +47,9 @@ fn mesh(services: usize, endpoints: usize) -> String {
     }
     y.push_str("services:\n");
     for s in 0..services {
-        y.push_str(&format!("  - name: svc-{s}\n    protocol: http1\n    endpoints:\n"));
+        y.push_str(&format!(
+            "  - name: svc-{s}\n    protocol: http1\n    endpoints:\n"
+        ));
         for e in 0..endpoints {
             y.push_str(&format!(
                 "      - {{ address: \"10.{}.{}.{}:8080\" }}\n",
@@ -92,8 +99,14 @@ async fn static_config_within_budget() {
         per_service
     );
     // Budgets: see the module doc and benches/README.md for where the bytes go.
-    assert!(per_endpoint < BUDGET_PER_ENDPOINT, "{per_endpoint:.0} B per endpoint");
-    assert!(per_service < BUDGET_PER_SERVICE, "{per_service:.0} B per service");
+    assert!(
+        per_endpoint < BUDGET_PER_ENDPOINT,
+        "{per_endpoint:.0} B per endpoint"
+    );
+    assert!(
+        per_service < BUDGET_PER_SERVICE,
+        "{per_service:.0} B per service"
+    );
 }
 
 // Measured 2026-11-24: 1,861 B per endpoint and 3,400 B per service. The service budget is
@@ -138,8 +151,14 @@ fn xds_state_within_budget() {
     let per_endpoint = (ten - one) as f64 / 9000.0;
     let per_cluster = (one as f64 - per_endpoint * 1000.0) / 1000.0;
     eprintln!("xDS state: per endpoint {per_endpoint:.0} B, per cluster {per_cluster:.0} B");
-    assert!(per_endpoint < XDS_BUDGET_PER_ENDPOINT, "{per_endpoint:.0} B per endpoint");
-    assert!(per_cluster < XDS_BUDGET_PER_CLUSTER, "{per_cluster:.0} B per cluster");
+    assert!(
+        per_endpoint < XDS_BUDGET_PER_ENDPOINT,
+        "{per_endpoint:.0} B per endpoint"
+    );
+    assert!(
+        per_cluster < XDS_BUDGET_PER_CLUSTER,
+        "{per_cluster:.0} B per cluster"
+    );
 }
 
 // Measured 2026-11-24: 59 B per endpoint and 998 B per cluster, on top of the snapshot.
