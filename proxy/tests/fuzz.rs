@@ -56,7 +56,7 @@ proptest! {
             Just("null".to_string()), Just("\"\"".to_string()), ".{0,12}",
         ],
     ) {
-        let tokens: Vec<&str> = VALID.split(|c: char| c == ' ' || c == ',' || c == '\n').filter(|t| !t.is_empty()).collect();
+        let tokens: Vec<&str> = VALID.split([' ', ',', '\n']).filter(|t| !t.is_empty()).collect();
         let target = tokens[index % tokens.len()];
         let mutated = VALID.replacen(target, &replacement, 1);
         if let Err(e) = tern_proxy::config::parse_yaml(&mutated) {
