@@ -72,6 +72,7 @@ fn policies_survive_encode_and_decode() {
         service: None,
         request_header_timeout: None,
         detect_timeout: None,
+        direction: None,
         max_connections: None,
     });
     let decoded = Config::try_from(raw).unwrap();

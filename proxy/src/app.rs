@@ -46,6 +46,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     registry: Registry,
     drain: CancellationToken,
+    /// Parent of outbound listeners' tokens; never cancelled (see `drain`).
+    outbound: CancellationToken,
     /// Fired by `POST /shutdown`; `main` treats it as SIGTERM.
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -84,6 +86,7 @@ impl App {
                 metrics,
                 registry,
                 drain: CancellationToken::new(),
+                outbound: CancellationToken::new(),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 listeners: tokio::sync::Mutex::new(HashMap::new()),
@@ -243,6 +246,7 @@ impl App {
                 store: Arc::clone(&inner.store),
                 tracker: inner.tracker.clone(),
                 drain: inner.drain.clone(),
+                outbound: inner.outbound.clone(),
                 memory: Arc::clone(&inner.memory),
             };
             match listener::start(l, socket, shared) {
@@ -292,13 +296,24 @@ impl App {
         self.set_ready(false);
         self.inner.drain.cancel();
         let mut running = self.inner.listeners.lock().await;
+        // Inbound listeners stop now and tell their clients to go elsewhere; outbound ones
+        // keep serving the app's own calls (its shutdown work) until the deadline.
+        let mut outbound = Vec::new();
         for (_, handle) in running.drain() {
-            handle.retire().await;
+            if handle.outbound {
+                outbound.push(handle);
+            } else {
+                handle.retire().await;
+            }
         }
+        drop(running);
         self.inner.tracker.close();
         let done = tokio::time::timeout(timeout, self.inner.tracker.wait())
             .await
             .is_ok();
+        for handle in outbound {
+            handle.retire().await;
+        }
         if !done {
             tracing::warn!(
                 remaining = self.inner.tracker.len(),

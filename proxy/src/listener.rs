@@ -28,6 +28,8 @@ pub struct ListenerHandle {
     /// The address actually bound.
     pub bound: SocketAddr,
     pub protocol: &'static str,
+    /// Serves until the drain deadline (see `App::drain`).
+    pub outbound: bool,
     stop: CancellationToken,
     /// Fired when the listener is retired: its connections drain.
     retired: CancellationToken,
@@ -68,6 +70,9 @@ pub struct Shared {
     /// Every connection is a task here, so that draining can wait for them.
     pub tracker: TaskTracker,
     pub drain: CancellationToken,
+    /// The parent of outbound listeners' tokens: never cancelled by the process drain, so
+    /// they serve until the drain deadline and are retired then.
+    pub outbound: CancellationToken,
     pub memory: Arc<MemoryGuard>,
 }
 
@@ -78,9 +83,14 @@ pub fn start(
     shared: Shared,
 ) -> std::io::Result<ListenerHandle> {
     let bound = listener.local_addr()?;
-    let stop = shared.drain.child_token();
-    // Connections drain with the process or when this listener is retired.
-    let retired = shared.drain.child_token();
+    let parent = if config.outbound {
+        &shared.outbound
+    } else {
+        &shared.drain
+    };
+    let stop = parent.child_token();
+    // Connections drain with the process (inbound) or when this listener is retired.
+    let retired = parent.child_token();
     let name = Arc::clone(&config.name);
     let span = tracing::info_span!("listener", name = %name, address = %bound);
     let kind = match &config.kind {
@@ -103,6 +113,7 @@ pub fn start(
         configured: config.address,
         bound,
         protocol: config.kind.protocol(),
+        outbound: config.outbound,
         stop,
         retired,
         task,

@@ -473,3 +473,50 @@ async fn explain_answers_over_the_admin_port_and_the_cli() {
         "{text}"
     );
 }
+
+/// On SIGTERM an outbound listener (the app's own calls out) keeps serving new connections
+/// until the drain deadline, while an inbound one stops at once.
+#[tokio::test]
+async fn outbound_listeners_serve_until_the_drain_deadline() {
+    let api = Upstream::start("api").await;
+    let dir = TempDir::new("outbound-drain");
+    let (inbound, outbound) = (free_port(), free_port());
+    let yaml = format!(
+        "drain_timeout: 2s\nlisteners:\n  - name: in\n    address: 127.0.0.1:{inbound}\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\n  - name: out\n    address: 127.0.0.1:{outbound}\n    protocol: http\n    direction: outbound\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
+        api.addr
+    );
+    let path = dir.0.join("tern.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    proxy.wait_ready().await;
+    let (inbound, outbound): (std::net::SocketAddr, std::net::SocketAddr) = (
+        format!("127.0.0.1:{inbound}").parse().unwrap(),
+        format!("127.0.0.1:{outbound}").parse().unwrap(),
+    );
+    // A keep-alive outbound connection, opened before the signal.
+    let client = http1_client();
+    assert_eq!(get(&client, outbound, "x", "/", &[]).await.status, 200);
+
+    let started = std::time::Instant::now();
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(inbound).await.is_err(),
+        "the inbound listener still accepts"
+    );
+    // A second into the drain, outbound calls on new and existing connections still work.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(get(&client, outbound, "x", "/", &[]).await.status, 200);
+    assert_eq!(
+        get(&http1_client(), outbound, "x", "/", &[]).await.status,
+        200
+    );
+    // Then the deadline ends it, exit 0.
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+}

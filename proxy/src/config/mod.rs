@@ -65,6 +65,9 @@ pub struct Listener {
     pub header_timeout: Duration,
     /// Connections open at once; past it, new ones are closed as soon as accepted.
     pub max_connections: u32,
+    /// Serves until the drain deadline on shutdown (the app's outbound calls) instead of
+    /// draining at once.
+    pub outbound: bool,
     pub kind: ListenerKind,
 }
 

@@ -95,6 +95,11 @@ pub struct RawListener {
     /// How long a client may take to send its request headers, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_header_timeout: Option<String>,
+    /// `inbound` (default): on shutdown, stop accepting and drain at once. `outbound` (the
+    /// app's own calls out): keep serving until the drain deadline, so the app can finish
+    /// its shutdown calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<RawDirection>,
     /// Auto listeners: how long to wait for the client's first bytes before treating the
     /// connection as a server-speaks-first protocol (default `100ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,6 +107,13 @@ pub struct RawListener {
     /// Connections open at once on this listener (default 10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawDirection {
+    Inbound,
+    Outbound,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

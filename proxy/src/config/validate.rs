@@ -131,6 +131,7 @@ impl TryFrom<RawConfig> for Config {
                 address,
                 header_timeout,
                 max_connections,
+                outbound: l.direction == Some(RawDirection::Outbound),
                 kind,
             });
         }

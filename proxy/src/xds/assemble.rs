@@ -120,6 +120,7 @@ impl XdsState {
                         service: opaque.as_ref().map(|o| o.cluster.clone()),
                         request_header_timeout: request_header_timeout.clone(),
                         detect_timeout: opaque.as_ref().map(|o| o.detect_timeout.clone()),
+                        direction: None,
                         max_connections: None,
                     };
                     let missing = match routes {
@@ -169,6 +170,7 @@ impl XdsState {
                         service: Some(cluster.clone()),
                         request_header_timeout: None,
                         detect_timeout: None,
+                        direction: None,
                         max_connections: None,
                     };
                     if self.cluster_ready(cluster, previous) {
