@@ -31,5 +31,6 @@ pub mod snapshot;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
+pub mod top;
 pub mod wait_ready;
 pub mod xds;

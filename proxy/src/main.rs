@@ -105,6 +105,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live table of services and endpoints (request rate, success rate, p50/p99, in
+    /// flight, ejection and health), from a proxy's admin port.
+    Top {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        interval: Duration,
+        /// Print one frame (after one interval) and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -121,7 +132,12 @@ fn main() -> ExitCode {
         args.log_json,
         matches!(
             args.command,
-            Some(Command::Demo(_) | Command::WaitReady { .. } | Command::Explain { .. })
+            Some(
+                Command::Demo(_)
+                    | Command::WaitReady { .. }
+                    | Command::Explain { .. }
+                    | Command::Top { .. }
+            )
         ),
     );
     let workers = args
@@ -159,6 +175,17 @@ fn main() -> ExitCode {
             timeout,
             interval,
         }) => Ok(runtime.block_on(wait_ready(&admin, timeout, interval))),
+        Some(Command::Top {
+            admin,
+            interval,
+            once,
+        }) => match runtime.block_on(tern_proxy::top::run(&admin, interval, once)) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("tern-proxy top: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Some(Command::Explain {
             admin,
             listener,

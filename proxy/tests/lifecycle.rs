@@ -520,3 +520,67 @@ async fn outbound_listeners_serve_until_the_drain_deadline() {
         started.elapsed()
     );
 }
+
+/// `tern-proxy top --once` against a running proxy under traffic: one frame, 80 columns,
+/// the service and its endpoint with a request rate.
+#[tokio::test]
+async fn top_prints_a_frame_of_services_and_endpoints() {
+    let api = Upstream::start("api").await;
+    let dir = TempDir::new("top");
+    let port = free_port();
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:{port}\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
+        api.addr
+    );
+    let path = dir.0.join("tern.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+    proxy.wait_ready().await;
+    let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = http1_client();
+            for _ in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                get(&client, web, "x", "/", &[]).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+            .args([
+                "top",
+                "--once",
+                "--interval",
+                "500ms",
+                "--admin",
+                &admin.to_string(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let frame = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{frame} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(frame.lines().all(|l| l.chars().count() <= 80), "{frame}");
+    let api_line = frame
+        .lines()
+        .find(|l| l.starts_with("api "))
+        .unwrap_or_else(|| panic!("{frame}"));
+    let rps: f64 = api_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(rps > 10.0, "{frame}");
+    assert!(frame.contains(&format!("  {}", api.addr)), "{frame}");
+}
