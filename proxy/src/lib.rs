@@ -32,5 +32,6 @@ pub mod store;
 pub mod tcp;
 pub mod telemetry;
 pub mod top;
+pub mod traffic;
 pub mod wait_ready;
 pub mod xds;

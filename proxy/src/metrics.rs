@@ -96,6 +96,20 @@ pub enum FailureReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub listener: String,
+    /// The route's index in its listener.
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub listener: String,
+    pub route: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectLabels {
     pub listener: String,
     pub outcome: &'static str,
@@ -173,6 +187,8 @@ pub struct Metrics {
     tcp_bytes: Family<TcpBytesLabels, Counter>,
     upgrades: Family<ListenerLabels, Counter>,
     detections: Family<DetectLabels, Counter>,
+    rate_limited: Family<RouteLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
     listener_overflow: Family<ListenerLabels, Counter>,
     memory_shed: Family<ShedLabels, Counter>,
     /// Resident memory at the memory guard's last read.
@@ -204,6 +220,9 @@ pub struct ListenerMetrics {
     pub tcp_bytes_downstream: Counter,
     /// HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened.
     pub upgrades: Counter,
+    rate_limited: Family<RouteLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
+    name: String,
     /// Auto listeners: connections by detection outcome (`detect::Outcome::index`).
     pub detections: [Counter; 8],
     /// Connections closed at accept because `max_connections` were open.
@@ -217,6 +236,26 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn count_status(&self, status: http::StatusCode) {
         self.requests[class_index(status)].inc();
+    }
+
+    /// Off the fast path: only refused or faulted requests get here.
+    pub fn count_rate_limited(&self, route: usize) {
+        self.rate_limited
+            .get_or_create(&RouteLabels {
+                listener: self.name.clone(),
+                route: route.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn count_fault(&self, route: usize, kind: &'static str) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                listener: self.name.clone(),
+                route: route.to_string(),
+                kind,
+            })
+            .inc();
     }
 }
 
@@ -296,6 +335,8 @@ impl Metrics {
             tcp_bytes: Family::default(),
             upgrades: Family::default(),
             detections: Family::default(),
+            rate_limited: Family::default(),
+            faults: Family::default(),
             listener_overflow: Family::default(),
             memory_shed: Family::default(),
             resident_memory: Gauge::default(),
@@ -380,6 +421,16 @@ impl Metrics {
             "HTTP/1.1 upgrades (WebSocket and others) and CONNECT tunnels opened, by listener; \
              their bytes and connections count in the tcp_* metrics",
             m.upgrades.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused with 429 by a route's rate limit, by listener and route index",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "faults",
+            "Faults injected by a route's fault policy, by kind (delay, abort)",
+            m.faults.clone(),
         );
         r.register(
             "protocol_detections",
@@ -504,6 +555,9 @@ impl Metrics {
                 .tcp_bytes
                 .get_or_create_owned(&bytes(Direction::Downstream)),
             upgrades: self.upgrades.get_or_create_owned(&l),
+            rate_limited: self.rate_limited.clone(),
+            faults: self.faults.clone(),
+            name: name.to_string(),
             detections: crate::detect::Outcome::ALL.map(|outcome| {
                 self.detections.get_or_create_owned(&DetectLabels {
                     listener: name.to_string(),

@@ -66,6 +66,8 @@ pub struct RouteRt {
     /// Counts requests and retries over a sliding window. Every route has one: without a
     /// policy, the safe default retries (connect failures) spend from it too.
     pub budget: RetryBudget,
+    /// Rebuilt with each snapshot (buckets start full after a config change).
+    pub limiter: Option<crate::traffic::rate_limit::RateLimiter>,
 }
 
 /// A weighted split over services; cumulative weights make a pick one random draw.
@@ -387,6 +389,10 @@ fn route_rt(route: &Route, services: &HashMap<Arc<str>, Arc<ServiceRt>>) -> Opti
             services: resolved,
             cumulative,
         },
+        limiter: route
+            .rate_limit
+            .clone()
+            .map(crate::traffic::rate_limit::RateLimiter::new),
         budget: RetryBudget::new(
             route.retry.as_ref().map(|r| r.budget).unwrap_or_default(),
             Instant::now(),

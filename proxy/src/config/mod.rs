@@ -105,6 +105,8 @@ pub struct Route {
     /// (504 past it). `None`: no limit, so streams are never cut.
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    pub rate_limit: Option<crate::traffic::rate_limit::RateLimitConfig>,
+    pub fault: Option<crate::traffic::fault::FaultConfig>,
 }
 
 /// What a request must look like for a route to apply; every present part must match.

@@ -395,6 +395,118 @@ fn validate_route(
         backends,
         timeout: policy::route_timeout(at, r)?,
         retry: policy::retry(&format!("{at}.retry"), r.retry.as_ref())?,
+        rate_limit: r
+            .rate_limit
+            .as_ref()
+            .map(|l| validate_rate_limit(&format!("{at}.rate_limit"), l))
+            .transpose()?,
+        fault: r
+            .fault
+            .as_ref()
+            .map(|f| validate_fault(&format!("{at}.fault"), f))
+            .transpose()?,
+    })
+}
+
+fn validate_rate_limit(
+    at: &str,
+    l: &RawRateLimit,
+) -> Result<crate::traffic::rate_limit::RateLimitConfig, ConfigError> {
+    use crate::traffic::rate_limit::{RateKey, RateLimitConfig};
+    if !(l.requests_per_second > 0.0 && l.requests_per_second.is_finite()) {
+        return Err(ConfigError::field(
+            format!("{at}.requests_per_second"),
+            "must be a positive number",
+        ));
+    }
+    let burst = match l.burst {
+        Some(0) => {
+            return Err(ConfigError::field(
+                format!("{at}.burst"),
+                "must be at least 1",
+            ));
+        }
+        Some(b) => b,
+        None => l.requests_per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
+    };
+    let key = match l.key.as_deref().unwrap_or("client_ip") {
+        "client_ip" => RateKey::ClientIp,
+        "peer_identity" => RateKey::PeerIdentity,
+        "none" => RateKey::None,
+        other => match other.strip_prefix("header:") {
+            Some(name) => {
+                RateKey::Header(HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    ConfigError::field(format!("{at}.key"), format!("invalid header name {name:?}"))
+                })?)
+            }
+            None => {
+                return Err(ConfigError::field(
+                    format!("{at}.key"),
+                    format!("unknown key {other:?}; client_ip, header:NAME, peer_identity or none"),
+                ));
+            }
+        },
+    };
+    Ok(RateLimitConfig {
+        requests_per_second: l.requests_per_second,
+        burst,
+        key,
+    })
+}
+
+fn validate_fault(
+    at: &str,
+    f: &RawFault,
+) -> Result<crate::traffic::fault::FaultConfig, ConfigError> {
+    let percent = |field: String, p: f64| {
+        if (0.0..=100.0).contains(&p) {
+            Ok(p)
+        } else {
+            Err(ConfigError::field(
+                field,
+                format!("{p} is not between 0 and 100"),
+            ))
+        }
+    };
+    let delay = match &f.delay {
+        Some(d) => Some((
+            percent(format!("{at}.delay.percent"), d.percent)?,
+            crate::config::parse_duration(&d.duration)
+                .map_err(|e| ConfigError::field(format!("{at}.delay.duration"), e))?,
+        )),
+        None => None,
+    };
+    let abort = match &f.abort {
+        Some(a) => {
+            if !(200..=599).contains(&a.status) {
+                return Err(ConfigError::field(
+                    format!("{at}.abort.status"),
+                    format!("{} is not an HTTP status between 200 and 599", a.status),
+                ));
+            }
+            Some((percent(format!("{at}.abort.percent"), a.percent)?, a.status))
+        }
+        None => None,
+    };
+    if delay.is_none() && abort.is_none() {
+        return Err(ConfigError::field(
+            at.to_string(),
+            "needs a delay, an abort or both",
+        ));
+    }
+    let header = f
+        .header
+        .as_deref()
+        .map(|h| {
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                ConfigError::field(format!("{at}.header"), format!("invalid header name {h:?}"))
+            })
+        })
+        .transpose()?;
+    Ok(crate::traffic::fault::FaultConfig {
+        delay,
+        abort,
+        header,
     })
 }
 

@@ -77,6 +77,8 @@ struct Refusal {
     overloaded: bool,
     /// Why, for the access log.
     flag: Flag,
+    /// Extra headers of the answer (`retry-after`, `x-tern-fault`).
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl Refusal {
@@ -94,7 +96,14 @@ impl Refusal {
             reason,
             overloaded: false,
             flag,
+            headers: Vec::new(),
         }
+    }
+
+    fn with_header(mut self, name: &'static str, value: HeaderValue) -> Self {
+        self.headers
+            .push((header::HeaderName::from_static(name), value));
+        self
     }
 
     fn with_flag(mut self, flag: Flag) -> Self {
@@ -271,6 +280,39 @@ async fn forward(
         return Err(Refusal::new(StatusCode::NOT_FOUND, reason));
     };
     let mut rng = fastrand::Rng::new();
+    // Rate limits and faults decide before a backend is picked: no upstream cost.
+    if let Some(limiter) = &route.limiter
+        && let Err(wait) = limiter.check(&rate_key(limiter.config(), ctx, &parts.headers), start)
+    {
+        listener
+            .metrics
+            .count_rate_limited(route_index(routes, route));
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let reason = format!("rate limited: retry in {secs} s\n");
+        return Err(Refusal::new(StatusCode::TOO_MANY_REQUESTS, reason)
+            .with_flag(Flag::RateLimited)
+            .with_header("retry-after", HeaderValue::from(secs)));
+    }
+    if let Some(fault) = &route.config.fault {
+        let decision = crate::traffic::fault::decide(fault, &parts.headers, &mut rng);
+        if let Some(delay) = decision.delay {
+            listener
+                .metrics
+                .count_fault(route_index(routes, route), "delay");
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(status) = decision.abort {
+            listener
+                .metrics
+                .count_fault(route_index(routes, route), "abort");
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(
+                Refusal::new(status, "fault injected by the route's policy\n".into())
+                    .with_flag(Flag::FaultAbort)
+                    .with_header("x-tern-fault", HeaderValue::from_static("abort")),
+            );
+        }
+    }
     let service = route.backends.pick(&mut rng);
     // `max_requests`: the slot is held until the response body ends.
     let permit = service
@@ -732,6 +774,32 @@ async fn forward_upgrade(
     Ok(Response::from_parts(rparts, full(Bytes::new())))
 }
 
+/// The bucket key of a request under a route's rate limit.
+fn rate_key(
+    config: &crate::traffic::rate_limit::RateLimitConfig,
+    ctx: &ConnContext,
+    headers: &http::HeaderMap,
+) -> String {
+    use crate::traffic::rate_limit::RateKey;
+    match &config.key {
+        RateKey::ClientIp => ctx.client_ip.to_str().unwrap_or("").to_string(),
+        RateKey::Header(name) => headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
+        // Until mesh identity exists, nobody is authenticated: one shared bucket.
+        RateKey::PeerIdentity => "unauthenticated".to_string(),
+        RateKey::None => String::new(),
+    }
+}
+
+fn route_index(routes: &[RouteRt], route: &RouteRt) -> usize {
+    routes
+        .iter()
+        .position(|r| std::ptr::eq(r, route))
+        .unwrap_or(0)
+}
+
 /// The server span of a request, with the HTTP semantic-convention attributes known at its
 /// start.
 fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>) -> ServerSpan {
@@ -932,6 +1000,9 @@ fn refusal(refused: Refusal) -> Response<ProxyBody> {
         response
             .headers_mut()
             .insert("x-tern-overloaded", HeaderValue::from_static("true"));
+    }
+    for (name, value) in refused.headers {
+        response.headers_mut().insert(name, value);
     }
     response
 }

@@ -705,6 +705,9 @@ fn vhost_routes(
             backends,
             timeout,
             retry,
+            // Envoy's local_ratelimit and fault filters are not read yet.
+            rate_limit: None,
+            fault: None,
         });
     }
     Ok(out)
