@@ -171,11 +171,13 @@ impl Follower {
         let config = Config::try_from(raw.clone())
             .map_err(|e| format!("the resources do not make a valid config: {e}"))?;
         self.waiting = (!warm.warming.is_empty()).then(|| warm.warming.join(", "));
-        self.update_readiness(warm.warming.is_empty());
         if self.applied.as_ref() == Some(&raw) {
+            self.update_readiness(warm.warming.is_empty());
             self.state = next;
             return Ok(());
         }
+        // Readiness is decided only after the apply below: deciding it here turned the proxy
+        // ready while the listener that had just finished warming was not bound yet.
         let mut versions = self.versions.clone();
         versions[kind.index()] = version.to_string();
         let source = format!(
