@@ -201,11 +201,7 @@ async fn sigusr1_reopens_the_log_file_for_logrotate() {
         &format!("127.0.0.1:{port}"),
         1,
     );
-    let path = dir.0.join("tern.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
-    proxy.wait_ready().await;
+    let proxy = ProxyProcess::start_in(&dir, &yaml).await;
     let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let client = http1_client();
 
@@ -232,11 +228,7 @@ async fn sigusr1_never_kills_a_proxy_without_a_log_file() {
         "listeners:\n  - name: web\n    address: 127.0.0.1:{port}\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
         api.addr
     );
-    let path = dir.0.join("tern.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
-    proxy.wait_ready().await;
+    let mut proxy = ProxyProcess::start_in(&dir, &yaml).await;
     proxy.signal("USR1");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -414,11 +414,8 @@ async fn explain_answers_over_the_admin_port_and_the_cli() {
         "listeners:\n  - name: web\n    address: 127.0.0.1:{port}\n    protocol: http\n    routes:\n      - match: {{ host: api.local, headers: {{ x-canary: \"1\" }} }}\n        backends: [ {{ service: api }} ]\n        timeout: 3s\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
         api.addr
     );
-    let path = dir.0.join("tern.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
-    proxy.wait_ready().await;
+    let proxy = ProxyProcess::start_in(&dir, &yaml).await;
+    let admin = proxy.admin;
 
     let r = proxy
         .admin_get("/explain?listener=web&host=api.local&path=/x&header=x-canary:1")
@@ -485,11 +482,7 @@ async fn outbound_listeners_serve_until_the_drain_deadline() {
         "drain_timeout: 2s\nlisteners:\n  - name: in\n    address: 127.0.0.1:{inbound}\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\n  - name: out\n    address: 127.0.0.1:{outbound}\n    protocol: http\n    direction: outbound\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
         api.addr
     );
-    let path = dir.0.join("tern.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
-    proxy.wait_ready().await;
+    let mut proxy = ProxyProcess::start_in(&dir, &yaml).await;
     let (inbound, outbound): (std::net::SocketAddr, std::net::SocketAddr) = (
         format!("127.0.0.1:{inbound}").parse().unwrap(),
         format!("127.0.0.1:{outbound}").parse().unwrap(),
@@ -532,11 +525,8 @@ async fn top_prints_a_frame_of_services_and_endpoints() {
         "listeners:\n  - name: web\n    address: 127.0.0.1:{port}\n    protocol: http\n    routes: [ {{ backends: [ {{ service: api }} ] }} ]\nservices:\n  - name: api\n    protocol: http1\n    endpoints: [ {{ address: \"{}\" }} ]\n",
         api.addr
     );
-    let path = dir.0.join("tern.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
-    proxy.wait_ready().await;
+    let proxy = ProxyProcess::start_in(&dir, &yaml).await;
+    let admin = proxy.admin;
     let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let load = {

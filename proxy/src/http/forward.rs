@@ -181,21 +181,10 @@ pub async fn handle(
         let reason = format!("listener {} was removed\n", ctx.listener);
         let refused =
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason).with_flag(Flag::ListenerDrained);
-        if let Some(slot) = slot {
-            slot.emit(
-                refused.status,
-                refused.flag,
-                refused.reason.len() as u64,
-                start,
-            );
-        }
-        if let Some(span) = span {
-            span.end(refused.status.as_u16(), refused.flag.as_str());
-        }
-        return Ok(refusal(refused));
+        return Ok(refused.answer(slot, span, start));
     };
     // Shed before anything is read or allocated for the request: the point is to stop growing.
-    if ctx.memory.is_overloaded() {
+    let response = if ctx.memory.is_overloaded() {
         listener.metrics.shed_requests.inc();
         let mut shed = Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -203,44 +192,57 @@ pub async fn handle(
         )
         .with_flag(Flag::Overloaded);
         shed.overloaded = true;
-        if let Some(slot) = slot {
-            slot.emit(shed.status, shed.flag, shed.reason.len() as u64, start);
-        }
-        if let Some(span) = span {
-            span.end(shed.status.as_u16(), shed.flag.as_str());
-        }
-        let response = refusal(shed);
-        listener.metrics.count_status(response.status());
-        return Ok(response);
-    }
-    let response = match forward(&ctx, &listener, req, start, &mut slot, &mut span).await {
-        Ok(response) => {
-            // Not streamed through a tracked body (an upgrade's 101): logged now.
-            if let Some(slot) = slot {
-                slot.emit(response.status(), Flag::None, 0, start);
+        shed.answer(slot, span, start)
+    } else {
+        match forward(&ctx, &listener, req, start, &mut slot, &mut span).await {
+            Ok(response) => {
+                // Not streamed through a tracked body (an upgrade's 101): finished now.
+                finish(slot, span, response.status(), Flag::None, 0, start);
+                response
             }
-            if let Some(span) = span {
-                span.end(response.status().as_u16(), Flag::None.as_str());
-            }
-            response
-        }
-        Err(refused) => {
-            if let Some(slot) = slot {
-                slot.emit(
-                    refused.status,
-                    refused.flag,
-                    refused.reason.len() as u64,
-                    start,
-                );
-            }
-            if let Some(span) = span {
-                span.end(refused.status.as_u16(), refused.flag.as_str());
-            }
-            refusal(refused)
+            Err(refused) => refused.answer(slot, span, start),
         }
     };
     listener.metrics.count_status(response.status());
     Ok(response)
+}
+
+/// Writes the access log record and ends the server span of a response that does not
+/// stream through a `Tracked` body (which does this when its body ends).
+fn finish(
+    slot: Option<LogSlot>,
+    span: Option<ServerSpan>,
+    status: StatusCode,
+    flag: Flag,
+    bytes_sent: u64,
+    start: Instant,
+) {
+    if let Some(slot) = slot {
+        slot.emit(status, flag, bytes_sent, start);
+    }
+    if let Some(span) = span {
+        span.end(status.as_u16(), flag.as_str());
+    }
+}
+
+impl Refusal {
+    /// The proxy's own answer, logged and traced.
+    fn answer(
+        self,
+        slot: Option<LogSlot>,
+        span: Option<ServerSpan>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        finish(
+            slot,
+            span,
+            self.status,
+            self.flag,
+            self.reason.len() as u64,
+            start,
+        );
+        refusal(self)
+    }
 }
 
 /// Request bodies up to this size are kept so that a retry can send them again; larger or

@@ -273,7 +273,18 @@ impl Pool {
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    /// Dials and shakes hands for a new HTTP/1.1 connection, under the breaker's limits; the
+    /// caller runs the connection (pooled, or with upgrades for a tunnel).
+    async fn dial_h1(
+        &self,
+    ) -> Result<
+        (
+            http1::SendRequest<UpstreamBody>,
+            http1::Connection<TokioIo<tokio::net::TcpStream>, UpstreamBody>,
+            Permit,
+        ),
+        UpstreamError,
+    > {
         let (pending, connection) = self.admit_dial()?;
         let stream = connect_tcp(self.addr, self.connect_timeout).await?;
         drop(pending);
@@ -287,9 +298,14 @@ impl Pool {
                 addr: self.addr,
                 source,
             })?;
+        Ok((sender, conn, connection))
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let (sender, conn, permit) = self.dial_h1().await?;
         spawn_connection(
             conn,
-            connection,
+            permit,
             tracing::debug_span!("upstream_h1", addr = %self.addr),
         );
         Ok(sender)
@@ -302,20 +318,10 @@ impl Pool {
         &self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let (pending, connection) = self.admit_dial()?;
-        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
-        drop(pending);
-        let (mut sender, conn) = http1::Builder::new()
-            .preserve_header_case(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: self.addr,
-                source,
-            })?;
+        let (mut sender, conn, permit) = self.dial_h1().await?;
         spawn_connection(
             conn.with_upgrades(),
-            connection,
+            permit,
             tracing::debug_span!("upstream_upgrade", addr = %self.addr),
         );
         sender

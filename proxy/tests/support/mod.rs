@@ -272,6 +272,17 @@ impl ProxyProcess {
     }
 
     /// Runs the binary with `args` plus `--admin-address ADMIN`.
+    /// Writes `yaml` as `tern.yaml` in `dir`, starts the binary on it with an admin port of
+    /// its own, and waits until it is ready.
+    pub async fn start_in(dir: &TempDir, yaml: &str) -> ProxyProcess {
+        let path = dir.0.join("tern.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut proxy = ProxyProcess::spawn(&path, admin, &dir.0);
+        proxy.wait_ready().await;
+        proxy
+    }
+
     pub fn spawn_with(args: &[String], admin: SocketAddr, dir: &Path) -> ProxyProcess {
         let stderr = dir.join("proxy.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
