@@ -5,6 +5,7 @@
 //! - [`snapshot`] and [`store`]: the runtime view of one config, swapped atomically.
 //! - [`balance`]: round robin, least request and peak-EWMA endpoint selection.
 //! - [`http`]: downstream serving, route matching, header rules, upstream pools.
+//! - [`identity`]: SPIFFE IDs, the workload certificate and its renewal.
 //! - [`tcp`]: opaque forwarding.
 //! - [`listener`]: binding and accept loops.
 //! - [`overload`]: per-listener connection caps and the memory guard.
@@ -23,6 +24,7 @@ pub mod explain;
 pub mod exposition;
 pub mod health;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod overload;
