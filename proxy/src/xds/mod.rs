@@ -2,7 +2,7 @@
 //! model (`decode`, then `assemble`), and the ADS client that follows a control plane.
 
 mod assemble;
-mod backoff;
+pub(crate) mod backoff;
 mod client;
 pub mod decode;
 mod policy;
