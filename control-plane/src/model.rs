@@ -196,6 +196,7 @@ mod tests {
             circuit_breaker: None,
             outlier_detection: None,
             health_check: None,
+            identity: None,
         }];
         let merged = merge(Some(&file.raw), Some(&k8s)).expect("merges");
         assert_eq!(merged.services.len(), 2);

@@ -134,6 +134,7 @@ fn mesh(name: &str, protocol: RawServiceProtocol, endpoints: &[&str]) -> RawServ
         circuit_breaker: None,
         outlier_detection: None,
         health_check: None,
+        identity: None,
     }
 }
 

@@ -60,6 +60,7 @@ fn policies_survive_encode_and_decode() {
             circuit_breaker: c.circuit_breaker,
             outlier_detection: c.outlier_detection,
             health_check: c.health_check,
+            identity: None,
         });
     }
     let rc = RouteConfiguration::decode(encoded[&TypeKind::Route][0].any.value.as_slice()).unwrap();
@@ -74,6 +75,7 @@ fn policies_survive_encode_and_decode() {
         detect_timeout: None,
         direction: None,
         max_connections: None,
+        mtls: None,
     });
     let decoded = Config::try_from(raw).unwrap();
 

@@ -7,6 +7,8 @@
 //! - [`http`]: downstream serving, route matching, header rules, upstream pools.
 //! - [`identity`]: SPIFFE IDs, the workload certificate and its renewal.
 //! - [`tcp`]: opaque forwarding.
+//! - [`tls`]: mesh mTLS (SPIFFE checks, configs) and the plaintext-or-TLS stream type.
+//! - [`authz`]: who may call a listener.
 //! - [`listener`]: binding and accept loops.
 //! - [`overload`]: per-listener connection caps and the memory guard.
 //! - [`app`]: wiring, reload and drain; [`admin`]: the admin server; [`metrics`].
@@ -16,6 +18,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod demo;
@@ -33,6 +36,7 @@ pub mod snapshot;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
+pub mod tls;
 pub mod top;
 pub mod traffic;
 pub mod wait_ready;

@@ -211,6 +211,7 @@ fn add_service(
             circuit_breaker: None,
             outlier_detection: None,
             health_check: None,
+            identity: None,
         });
     }
 }

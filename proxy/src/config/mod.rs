@@ -69,6 +69,36 @@ pub struct Listener {
     /// draining at once.
     pub outbound: bool,
     pub kind: ListenerKind,
+    pub mtls: ListenerMtls,
+}
+
+/// How a listener treats mutual TLS, and who may call it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListenerMtls {
+    pub mode: MtlsMode,
+    pub authorization: Option<crate::authz::Authorization>,
+    pub peer_identity_header: Option<HeaderName>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Plaintext only.
+    #[default]
+    Disabled,
+    /// mTLS or plaintext (told apart by the first byte), for migrations.
+    Permissive,
+    /// mTLS only: a plaintext client is closed.
+    Strict,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Disabled => "disabled",
+            MtlsMode::Permissive => "permissive",
+            MtlsMode::Strict => "strict",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +171,8 @@ pub struct Service {
     pub circuit_breaker: BreakerConfig,
     pub outlier_detection: Option<OutlierConfig>,
     pub health_check: Option<HealthCheckConfig>,
+    /// Set: endpoints are meshed proxies that must present this identity over mTLS.
+    pub identity: Option<crate::identity::SpiffeId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

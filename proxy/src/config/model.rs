@@ -107,6 +107,53 @@ pub struct RawListener {
     /// Connections open at once on this listener (default 10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Mutual TLS with the mesh identity, and who may call (needs `--identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<RawMtls>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMtls {
+    /// `strict` (mTLS only), `permissive` (mTLS or plaintext) or `disabled` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RawMtlsMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<RawAuthorization>,
+    /// Tell the app who called: this request header gets the peer's SPIFFE ID (any value
+    /// the client sent in it is removed first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_identity_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawMtlsMode {
+    Strict,
+    Permissive,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthorization {
+    /// `allow` or `deny`: what happens to callers no list names (default `deny` once an
+    /// `authorization` is written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<RawVerdict>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawVerdict {
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +309,10 @@ pub struct RawService {
     pub outlier_detection: Option<RawOutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
+    /// The SPIFFE ID its endpoints' proxies present: set, Tern speaks mTLS to them (HTTP
+    /// as HTTP/2 over one multiplexed connection) and checks that identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -133,6 +133,7 @@ impl TryFrom<RawConfig> for Config {
                 max_connections,
                 outbound: l.direction == Some(RawDirection::Outbound),
                 kind,
+                mtls: security::listener_mtls(&at, l.mtls.as_ref())?,
             });
         }
 
@@ -345,6 +346,7 @@ fn validate_service(at: &str, s: &RawService) -> Result<Service, ConfigError> {
         circuit_breaker: policy::breaker(at, s.circuit_breaker.as_ref())?,
         outlier_detection: policy::outlier(at, s.outlier_detection.as_ref())?,
         health_check: policy::health_check(at, s.health_check.as_ref())?,
+        identity: security::service_identity(at, s.identity.as_deref())?,
     })
 }
 
@@ -641,6 +643,7 @@ pub(super) fn opt_duration(
 }
 
 mod policy;
+mod security;
 
 #[cfg(test)]
 mod tests;

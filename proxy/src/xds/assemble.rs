@@ -122,6 +122,7 @@ impl XdsState {
                         detect_timeout: opaque.as_ref().map(|o| o.detect_timeout.clone()),
                         direction: None,
                         max_connections: None,
+                        mtls: None,
                     };
                     let missing = match routes {
                         RouteSource::Inline(r) => self.missing_cluster(r, previous),
@@ -172,6 +173,7 @@ impl XdsState {
                         detect_timeout: None,
                         direction: None,
                         max_connections: None,
+                        mtls: None,
                     };
                     if self.cluster_ready(cluster, previous) {
                         listeners.push(listener);
@@ -224,6 +226,7 @@ impl XdsState {
                 circuit_breaker: c.circuit_breaker.clone(),
                 outlier_detection: c.outlier_detection.clone(),
                 health_check: c.health_check.clone(),
+                identity: None,
             });
         }
 
@@ -253,6 +256,7 @@ impl XdsState {
                 circuit_breaker: None,
                 outlier_detection: None,
                 health_check: None,
+                identity: None,
             });
         }
         warming.sort();

@@ -83,6 +83,7 @@ fn mesh(name: &str, protocol: RawServiceProtocol, endpoints: &[(&str, Option<u32
         circuit_breaker: None,
         outlier_detection: None,
         health_check: None,
+        identity: None,
     }
 }
 
