@@ -59,6 +59,7 @@ fn bench_route_match(c: &mut Criterion) {
         "bench".into(),
         &Snapshot::empty(),
         &metrics,
+        None,
     );
     let listener = snapshot.listeners.get("bench").expect("listener bench");
     let ListenerRtKind::Http { routes } = &listener.kind else {

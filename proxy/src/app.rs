@@ -32,6 +32,12 @@ pub enum ApplyError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    /// mTLS is asked for but the proxy was started without an identity: refusing keeps the
+    /// promise that a meshed hop is never plaintext.
+    #[error(
+        "{what} needs mTLS, but this proxy has no identity (start it with --identity and --ca)"
+    )]
+    NoIdentity { what: String },
 }
 
 /// A running proxy. Cheap to clone.
@@ -64,6 +70,8 @@ struct Inner {
     /// `--memory-limit` in bytes, 0 when unset; wins over the config's `memory_limit` (an
     /// xDS-fed proxy has no file to set it in).
     memory_limit_flag: AtomicU64,
+    /// The proxy's identity and mTLS; `None` without `--identity`.
+    mesh: Option<Arc<crate::tls::MeshTls>>,
 }
 
 impl Default for App {
@@ -74,6 +82,12 @@ impl Default for App {
 
 impl App {
     pub fn new() -> Self {
+        Self::with_mesh(None)
+    }
+
+    /// A proxy with a workload identity: inbound mTLS on listeners that ask for it, outbound
+    /// mTLS to services that have an identity, and not ready until a certificate is held.
+    pub fn with_mesh(mesh: Option<Arc<crate::tls::MeshTls>>) -> Self {
         let store = new_store();
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
@@ -97,6 +111,7 @@ impl App {
                 health_checks: Default::default(),
                 memory: Arc::default(),
                 memory_limit_flag: AtomicU64::new(0),
+                mesh,
             }),
         }
     }
@@ -113,9 +128,20 @@ impl App {
         &self.inner.metrics
     }
 
-    /// True once listeners are bound and a config is in force, until draining starts.
+    /// True once listeners are bound, a config is in force and (with an identity) a
+    /// certificate is held, until draining starts.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire) && !self.is_draining()
+        self.inner.ready.load(Ordering::Acquire)
+            && !self.is_draining()
+            && self
+                .inner
+                .mesh
+                .as_ref()
+                .is_none_or(|m| m.identity().is_held())
+    }
+
+    pub fn mesh(&self) -> Option<&Arc<crate::tls::MeshTls>> {
+        self.inner.mesh.as_ref()
     }
 
     /// Marks the proxy ready (or not). Draining wins: a config that finishes applying after
@@ -166,6 +192,9 @@ impl App {
             }
             self.spawn_memory_guard();
         }
+        if inner.mesh.is_none() {
+            needs_no_identity(&config)?;
+        }
         let config = Arc::new(config);
         let mut running = inner.listeners.lock().await;
 
@@ -209,7 +238,13 @@ impl App {
         }
 
         let previous = inner.store.load_full();
-        let mut next = Snapshot::build(Arc::clone(&config), source, &previous, &inner.metrics);
+        let mut next = Snapshot::build(
+            Arc::clone(&config),
+            source,
+            &previous,
+            &inner.metrics,
+            inner.mesh.as_ref(),
+        );
         if next.access_log.is_none()
             && let Some(settings) = &config.access_log
         {
@@ -248,6 +283,7 @@ impl App {
                 drain: inner.drain.clone(),
                 outbound: inner.outbound.clone(),
                 memory: Arc::clone(&inner.memory),
+                mesh: inner.mesh.clone(),
             };
             match listener::start(l, socket, shared) {
                 Ok(handle) => {
@@ -490,6 +526,25 @@ impl App {
             }
         }
     }
+}
+
+/// Without an identity, a config must not ask for mTLS anywhere.
+fn needs_no_identity(config: &Config) -> Result<(), ApplyError> {
+    if let Some(l) = config
+        .listeners
+        .iter()
+        .find(|l| l.mtls.mode != crate::config::MtlsMode::Disabled)
+    {
+        return Err(ApplyError::NoIdentity {
+            what: format!("listener {} (mtls.mode {})", l.name, l.mtls.mode.as_str()),
+        });
+    }
+    if let Some(s) = config.services.iter().find(|s| s.identity.is_some()) {
+        return Err(ApplyError::NoIdentity {
+            what: format!("service {} (identity set)", s.name),
+        });
+    }
+    Ok(())
 }
 
 /// Loads a config file for startup.

@@ -5,18 +5,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::authz::Deny;
 use crate::config::{Listener, ListenerKind};
 use crate::detect::{self, Outcome, ServerFirstMemory};
 use crate::http::forward::ConnContext;
 use crate::http::server;
+use crate::identity::SpiffeId;
 use crate::overload::{ConnLimit, ConnSlot, MemoryGuard};
 use crate::store::Store;
+use crate::tls::inbound::{self, Arrival, InboundError};
+use crate::tls::{Alpn, Io, MeshTls};
 
 const BACKLOG: i32 = 1024;
 
@@ -74,6 +78,8 @@ pub struct Shared {
     /// they serve until the drain deadline and are retired then.
     pub outbound: CancellationToken,
     pub memory: Arc<MemoryGuard>,
+    /// The proxy's mTLS, when it has an identity.
+    pub mesh: Option<Arc<MeshTls>>,
 }
 
 /// Starts the accept loop of a bound listener.
@@ -93,7 +99,7 @@ pub fn start(
     let retired = parent.child_token();
     let name = Arc::clone(&config.name);
     let span = tracing::info_span!("listener", name = %name, address = %bound);
-    let kind = match &config.kind {
+    let kind = Arc::new(match &config.kind {
         ListenerKind::Http { .. } => Kind::Http {
             builder: Arc::new(server::builder(config.header_timeout)),
             header_timeout: config.header_timeout,
@@ -105,7 +111,7 @@ pub fn start(
             memory: Arc::new(ServerFirstMemory::default()),
             timeout: *detect_timeout,
         },
-    };
+    });
     let task = tokio::spawn(
         accept_loop(listener, name, kind, shared, retired.clone(), stop.clone()).instrument(span),
     );
@@ -142,7 +148,7 @@ enum Kind {
 async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
-    kind: Kind,
+    kind: Arc<Kind>,
     shared: Shared,
     retired: CancellationToken,
     stop: CancellationToken,
@@ -171,96 +177,133 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", %client);
-        let context = || {
-            Arc::new(ConnContext::new(
+        let (kind, shared_conn, name, retired) = (
+            Arc::clone(&kind),
+            shared.clone(),
+            Arc::clone(&name),
+            retired.clone(),
+        );
+        shared.tracker.spawn(
+            async move {
+                let _slot = slot;
+                serve_connection(&kind, stream, client, name, shared_conn, retired).await
+            }
+            .instrument(span),
+        );
+    }
+    tracing::info!("stopped accepting connections");
+}
+
+/// One accepted connection: mTLS as the listener's mode says, authorization, then HTTP or
+/// opaque TCP by the listener's protocol (and, on auto listeners, by ALPN or the first bytes).
+async fn serve_connection(
+    kind: &Kind,
+    stream: TcpStream,
+    client: SocketAddr,
+    name: Arc<str>,
+    shared: Shared,
+    retired: CancellationToken,
+) {
+    let Some(listener) = shared.store.load().listeners.get(&name).cloned() else {
+        return;
+    };
+    let mtls = &listener.config.mtls;
+    let wait = match kind {
+        Kind::Http { header_timeout, .. } => *header_timeout,
+        Kind::Auto { timeout, .. } => *timeout,
+        Kind::Tcp => crate::detect::DEFAULT_DETECT_TIMEOUT,
+    };
+    let metrics = &listener.metrics;
+    let (io, peer) = match inbound::arrive(mtls.mode, shared.mesh.as_deref(), stream, wait).await {
+        Ok(Arrival::Plain(stream)) => (Io::Plain(stream), None),
+        Ok(Arrival::Mutual(io, peer)) => {
+            metrics.tls_accepts[0].inc();
+            (io, Some(peer))
+        }
+        Err(e) => {
+            metrics.tls_accepts[1].inc();
+            if matches!(e, InboundError::Plaintext) {
+                metrics.authz_denied[Deny::NoIdentity.index()].inc();
+            }
+            tracing::debug!(error = %e, "inbound connection refused");
+            return;
+        }
+    };
+    let denied = mtls
+        .authorization
+        .as_ref()
+        .and_then(|a| a.decide(peer.as_ref()).err());
+    let context = |peer: Option<SpiffeId>| {
+        Arc::new(
+            ConnContext::new(
                 Arc::clone(&shared.store),
                 Arc::clone(&name),
                 client,
                 shared.tracker.clone(),
                 retired.clone(),
                 Arc::clone(&shared.memory),
-            ))
-        };
-        match &kind {
-            Kind::Http {
-                builder,
-                header_timeout,
-            } => {
-                let builder = Arc::clone(builder);
-                let header_timeout = *header_timeout;
-                let ctx = context();
-                let drain = retired.clone();
-                shared.tracker.spawn(
-                    async move {
-                        let _slot = slot;
-                        server::serve(&builder, header_timeout, stream, ctx, drain).await
-                    }
-                    .instrument(span),
-                );
-            }
-            Kind::Tcp => {
-                let store = Arc::clone(&shared.store);
-                let name = Arc::clone(&name);
-                let drain = retired.clone();
-                shared.tracker.spawn(
-                    async move {
-                        let _slot = slot;
-                        crate::tcp::serve(&store, &name, stream, client, drain).await
-                    }
-                    .instrument(span),
-                );
-            }
-            Kind::Auto {
-                builder,
-                header_timeout,
-                memory,
-                timeout,
-            } => {
-                let (builder, header_timeout, memory, timeout) = (
-                    Arc::clone(builder),
-                    *header_timeout,
-                    Arc::clone(memory),
-                    *timeout,
-                );
-                let ctx = context();
-                let (store, name, drain) = (
-                    Arc::clone(&shared.store),
-                    Arc::clone(&name),
-                    retired.clone(),
-                );
-                shared.tracker.spawn(
-                    async move {
-                        let _slot = slot;
-                        // The destination this listener stands for; with interception it
-                        // will be the connection's original destination.
-                        let destination = stream.local_addr().unwrap_or(client);
-                        let config = Arc::clone(&store.load().config);
-                        let outcome = detect::sniff(
-                            &stream,
-                            destination,
-                            &config.opaque_ports,
-                            &memory,
-                            timeout,
-                        )
-                        .await;
-                        if let Some(l) = store.load().listeners.get(&name) {
-                            l.metrics.detections[outcome.index()].inc();
-                        }
-                        tracing::debug!(outcome = outcome.as_str(), "protocol detected");
-                        match outcome {
-                            o if o.is_http() => {
-                                server::serve(&builder, header_timeout, stream, ctx, drain).await
-                            }
-                            Outcome::Closed => {}
-                            _ => crate::tcp::serve(&store, &name, stream, client, drain).await,
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
+            )
+            .with_peer(peer, denied, mtls.peer_identity_header.as_ref()),
+        )
+    };
+    // A denied TCP connection is closed; a denied HTTP one gets a 403 per request (the
+    // reason is worth telling, and the count is per request).
+    let tcp = |io: Io, peer: Option<SpiffeId>| async {
+        if let Some(deny) = denied {
+            metrics.authz_denied[deny.index()].inc();
+            tracing::info!(%client, peer = ?peer.as_ref().map(SpiffeId::as_str), reason = deny.as_str(), "connection denied by authorization");
+            return;
         }
+        crate::tcp::serve(&shared.store, &name, io, client, peer, retired.clone()).await;
+    };
+    match kind {
+        Kind::Http {
+            builder,
+            header_timeout,
+        } => server::serve(builder, *header_timeout, io, context(peer), retired.clone()).await,
+        Kind::Tcp => tcp(io, peer).await,
+        Kind::Auto {
+            builder,
+            header_timeout,
+            memory,
+            timeout,
+        } => match io {
+            Io::Plain(stream) => {
+                // The destination this listener stands for; with interception it is the
+                // connection's original destination.
+                let destination = stream.local_addr().unwrap_or(client);
+                let config = Arc::clone(&shared.store.load().config);
+                let outcome =
+                    detect::sniff(&stream, destination, &config.opaque_ports, memory, *timeout)
+                        .await;
+                metrics.detections[outcome.index()].inc();
+                tracing::debug!(outcome = outcome.as_str(), "protocol detected");
+                match outcome {
+                    o if o.is_http() => {
+                        let ctx = context(peer);
+                        server::serve(
+                            builder,
+                            *header_timeout,
+                            Io::Plain(stream),
+                            ctx,
+                            retired.clone(),
+                        )
+                        .await
+                    }
+                    Outcome::Closed => {}
+                    _ => tcp(Io::Plain(stream), peer).await,
+                }
+            }
+            // Between proxies ALPN says what the connection carries.
+            tls => match Alpn::of(tls.alpn()) {
+                Some(Alpn::H2 | Alpn::Http1) => {
+                    let ctx = context(peer);
+                    server::serve(builder, *header_timeout, tls, ctx, retired.clone()).await
+                }
+                _ => tcp(tls, peer).await,
+            },
+        },
     }
-    tracing::info!("stopped accepting connections");
 }
 
 /// Whether an accepted connection may stay: not while the memory guard sheds (a flood must

@@ -110,6 +110,18 @@ pub struct FaultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub listener: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectLabels {
     pub listener: String,
     pub outcome: &'static str,
@@ -189,6 +201,11 @@ pub struct Metrics {
     detections: Family<DetectLabels, Counter>,
     rate_limited: Family<RouteLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
+    authz_denied: Family<AuthzLabels, Counter>,
+    tls_accepts: Family<TlsLabels, Counter>,
+    tls_connect_failures: Family<ServiceLabels, Counter>,
+    /// The workload certificate's renewals, failures and expiry.
+    pub identity: crate::identity::IdentityCounters,
     listener_overflow: Family<ListenerLabels, Counter>,
     memory_shed: Family<ShedLabels, Counter>,
     /// Resident memory at the memory guard's last read.
@@ -231,6 +248,10 @@ pub struct ListenerMetrics {
     pub shed_connections: Counter,
     /// Requests answered 503 by the memory guard.
     pub shed_requests: Counter,
+    /// Refused by the listener's authorization, by `authz::Deny::index`.
+    pub authz_denied: [Counter; 2],
+    /// Inbound mTLS handshakes: [completed, failed].
+    pub tls_accepts: [Counter; 2],
 }
 
 impl ListenerMetrics {
@@ -269,6 +290,8 @@ pub struct ServiceMetrics {
     pub overloaded: [Counter; 4],
     pub request_timeouts: Counter,
     pub per_try_timeouts: Counter,
+    /// Outbound mTLS handshakes that failed.
+    pub tls_failures: Counter,
     retries: Family<RetryLabels, Counter>,
     name: String,
 }
@@ -337,6 +360,10 @@ impl Metrics {
             detections: Family::default(),
             rate_limited: Family::default(),
             faults: Family::default(),
+            authz_denied: Family::default(),
+            tls_accepts: Family::default(),
+            tls_connect_failures: Family::default(),
+            identity: Default::default(),
             listener_overflow: Family::default(),
             memory_shed: Family::default(),
             resident_memory: Gauge::default(),
@@ -437,6 +464,37 @@ impl Metrics {
             "Connections on auto listeners, by what their first bytes said (server_first: \
              nothing within the detection timeout)",
             m.detections.clone(),
+        );
+        r.register(
+            "authz_denied",
+            "Connections or requests refused by a listener's authorization, by reason \
+             (no_identity: plaintext or no SPIFFE ID; not_allowed: an identity the policy does not allow)",
+            m.authz_denied.clone(),
+        );
+        r.register(
+            "tls_inbound_handshakes",
+            "Inbound mTLS handshakes by listener and result (ok, failed)",
+            m.tls_accepts.clone(),
+        );
+        r.register(
+            "tls_upstream_failures",
+            "Outbound mTLS handshakes to a service's endpoints that failed (wrong identity, untrusted, timeout)",
+            m.tls_connect_failures.clone(),
+        );
+        r.register(
+            "identity_certificate_renewals",
+            "Workload certificates fetched from the CA (the first one included)",
+            m.identity.renewals.clone(),
+        );
+        r.register(
+            "identity_certificate_failures",
+            "Failed attempts to fetch a workload certificate (each is retried with backoff)",
+            m.identity.failures.clone(),
+        );
+        r.register(
+            "identity_certificate_expiry_timestamp_seconds",
+            "When the held workload certificate expires, Unix seconds (0 before the first)",
+            m.identity.expiry.clone(),
         );
         r.register(
             "listener_overflow",
@@ -571,6 +629,18 @@ impl Metrics {
             shed_requests: self
                 .memory_shed
                 .get_or_create_owned(&shed(ShedKind::Request)),
+            authz_denied: crate::authz::Deny::ALL.map(|d| {
+                self.authz_denied.get_or_create_owned(&AuthzLabels {
+                    listener: name.to_string(),
+                    reason: d.as_str(),
+                })
+            }),
+            tls_accepts: ["ok", "failed"].map(|result| {
+                self.tls_accepts.get_or_create_owned(&TlsLabels {
+                    listener: name.to_string(),
+                    result,
+                })
+            }),
         }
     }
 
@@ -599,6 +669,7 @@ impl Metrics {
             .map(|l| self.overloaded.get_or_create_owned(&limit(l))),
             request_timeouts: self.timeouts.get_or_create_owned(&timeout("request")),
             per_try_timeouts: self.timeouts.get_or_create_owned(&timeout("per_try")),
+            tls_failures: self.tls_connect_failures.get_or_create_owned(&l),
             retries: self.retries.clone(),
             name: name.to_string(),
         }

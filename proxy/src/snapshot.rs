@@ -14,11 +14,12 @@ use crate::config::{
     BreakerConfig, Config, Listener, ListenerKind, OutlierConfig, Route, Service, UpstreamProtocol,
 };
 use crate::health::Health;
-use crate::http::pool::Pool;
+use crate::http::pool::{MeshUpstream, Pool};
 use crate::metrics::{EndpointMetrics, ListenerMetrics, Metrics, ServiceMetrics};
 use crate::resilience::breaker::Breaker;
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::outlier::{Observation, Outlier, OutlierGroup};
+use crate::tls::MeshTls;
 
 /// Everything the data path reads, swapped as one unit on every config change.
 #[derive(Debug)]
@@ -109,6 +110,8 @@ pub struct ServiceRt {
     pub balancer: Balancer,
     pub metrics: ServiceMetrics,
     pub shared: Arc<ServiceShared>,
+    /// Set when the service has an identity: its connections are mTLS, checked against it.
+    pub mesh: Option<MeshUpstream>,
 }
 
 /// Per-service state that outlives config changes: circuit-breaker counts and the outlier
@@ -205,6 +208,7 @@ pub struct EndpointState {
     connect_timeout: Duration,
     idle_timeout: Duration,
     breaker: BreakerConfig,
+    identity: Option<crate::identity::SpiffeId>,
     /// HTTP connections to this endpoint (unused by TCP services).
     pub pool: Arc<Pool>,
     /// Active health check verdict (kept across config changes).
@@ -249,11 +253,24 @@ impl Snapshot {
         source: String,
         previous: &Snapshot,
         metrics: &Metrics,
+        tls: Option<&Arc<MeshTls>>,
     ) -> Snapshot {
         let now = Instant::now();
         let mut services = HashMap::with_capacity(config.services.len());
         for service in &config.services {
             let old = previous.services.get(&service.name);
+            let service_metrics = metrics.service(&service.name);
+            // `App::apply` refuses a service with an identity on a proxy without one, so a
+            // meshed service is never dialled in plaintext.
+            let mesh = service
+                .identity
+                .clone()
+                .zip(tls)
+                .map(|(identity, tls)| MeshUpstream {
+                    tls: Arc::clone(tls),
+                    identity,
+                    failures: service_metrics.tls_failures.clone(),
+                });
             let shared = old.map_or_else(Arc::default, |o| Arc::clone(&o.shared));
             let outlier = service.outlier_detection.map(|c| (c, Arc::clone(&shared)));
             let endpoints: Vec<Endpoint> = service
@@ -276,6 +293,7 @@ impl Snapshot {
                             },
                             metrics,
                             &shared.breaker,
+                            mesh.as_ref(),
                         )),
                         None => Arc::new(EndpointState::new(
                             service,
@@ -287,6 +305,7 @@ impl Snapshot {
                             },
                             metrics,
                             &shared.breaker,
+                            mesh.as_ref(),
                         )),
                     };
                     Endpoint {
@@ -301,8 +320,9 @@ impl Snapshot {
                 config: service.clone(),
                 endpoints,
                 balancer,
-                metrics: metrics.service(&service.name),
+                metrics: service_metrics,
                 shared,
+                mesh,
             };
             services.insert(Arc::clone(&service.name), Arc::new(rt));
         }
@@ -414,6 +434,7 @@ impl EndpointState {
         carried: Carried,
         metrics: &Metrics,
         breaker: &Arc<Breaker>,
+        mesh: Option<&MeshUpstream>,
     ) -> Self {
         let label = addr.to_string();
         EndpointState {
@@ -427,6 +448,7 @@ impl EndpointState {
             connect_timeout: service.connect_timeout,
             idle_timeout: service.idle_timeout,
             breaker: service.circuit_breaker,
+            identity: service.identity.clone(),
             pool: Arc::new(Pool::new(
                 addr,
                 service.protocol,
@@ -434,6 +456,7 @@ impl EndpointState {
                 service.idle_timeout,
                 Arc::clone(breaker),
                 service.circuit_breaker,
+                mesh.cloned(),
             )),
         }
     }
@@ -443,6 +466,7 @@ impl EndpointState {
             && self.connect_timeout == service.connect_timeout
             && self.idle_timeout == service.idle_timeout
             && self.breaker == service.circuit_breaker
+            && self.identity == service.identity
     }
 }
 
@@ -474,6 +498,7 @@ mod tests {
             "a".into(),
             &Snapshot::empty(),
             &metrics,
+            None,
         );
         let kept = Arc::clone(&first.services["api"].endpoints[1].state);
         let _in_flight = kept.load.start();
@@ -485,6 +510,7 @@ mod tests {
             "b".into(),
             &first,
             &metrics,
+            None,
         );
         let api = &second.services["api"];
         assert_eq!(second.version, first.version + 1);
@@ -514,6 +540,7 @@ mod tests {
             "t".into(),
             &Snapshot::empty(),
             &metrics,
+            None,
         );
         let ListenerRtKind::Http { routes } = &snap.listeners["web"].kind else {
             panic!("http")

@@ -4,16 +4,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::client::connect_tcp;
+use crate::identity::SpiffeId;
 use crate::resilience::breaker::Limit;
 use crate::resilience::outlier::Observation;
 use crate::snapshot::{ListenerRt, ListenerRtKind, ServiceRt};
 use crate::store::Store;
 use crate::telemetry::access_log::{Flag, Record};
+use crate::tls::{Alpn, Io};
 
 /// Endpoints tried for one connection before giving up: a refused connect is safe to retry
 /// elsewhere because no byte has been forwarded yet.
@@ -27,8 +28,9 @@ const CONNECT_ATTEMPTS: usize = 3;
 pub async fn serve(
     store: &Store,
     listener: &Arc<str>,
-    downstream: TcpStream,
+    downstream: Io,
     client: SocketAddr,
+    peer: Option<SpiffeId>,
     retired: CancellationToken,
 ) {
     let (drain_timeout, listener_rt, log) = {
@@ -49,9 +51,11 @@ pub async fn serve(
     };
     let service = Arc::clone(service);
     let start = Instant::now();
-    let record = log
-        .as_ref()
-        .map(|_| Record::new("tcp", listener, &client.ip().to_string()));
+    let record = log.as_ref().map(|_| {
+        let mut r = Record::new("tcp", listener, &client.ip().to_string());
+        r.peer_identity = peer.as_ref().map(ToString::to_string);
+        r
+    });
     let outcome = forward(
         &listener_rt,
         &service,
@@ -84,7 +88,7 @@ struct Outcome {
 async fn forward(
     listener_rt: &ListenerRt,
     service: &Arc<ServiceRt>,
-    mut downstream: TcpStream,
+    mut downstream: Io,
     client: SocketAddr,
     retired: &CancellationToken,
     drain_timeout: std::time::Duration,
@@ -125,7 +129,7 @@ async fn forward(
         };
         tried.push(index);
         let state = &endpoint.state;
-        match connect_tcp(state.addr, state.connect_timeout()).await {
+        match dial(service, state.addr, state.connect_timeout()).await {
             Ok(stream) => {
                 state.load.record_success();
                 service.observe(endpoint, Observation::Success, Instant::now());
@@ -150,7 +154,7 @@ async fn forward(
         };
     };
     let endpoint = Some(state.label.clone());
-    let _ = downstream.set_nodelay(true);
+    let _ = downstream.tcp().set_nodelay(true);
     let _in_flight = state.load.start();
     // `copy_bidirectional` shuts down each write side when the other side's reads end, which
     // carries a half-close through, and returns when both directions are done.
@@ -185,6 +189,28 @@ async fn forward(
                 ..Outcome::default()
             }
         }
+    }
+}
+
+/// Connects to an endpoint: plain, or mTLS (ALPN `tern.opaque`) when the service is meshed.
+async fn dial(
+    service: &ServiceRt,
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<Io, String> {
+    let tcp = connect_tcp(addr, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    match &service.mesh {
+        None => Ok(Io::Plain(tcp)),
+        Some(mesh) => mesh
+            .tls
+            .connect(tcp, addr.ip(), &mesh.identity, Alpn::Opaque)
+            .await
+            .map_err(|e| {
+                mesh.failures.inc();
+                format!("mTLS with {addr}: {e}")
+            }),
     }
 }
 

@@ -172,6 +172,7 @@ fn snapshot_of(config: tern_proxy::config::Config) -> tern_proxy::snapshot::Snap
         "fuzz".into(),
         &tern_proxy::snapshot::Snapshot::empty(),
         &metrics,
+        None,
     )
 }
 

@@ -35,6 +35,7 @@ services:
         "test".into(),
         &Snapshot::empty(),
         &metrics,
+        None,
     )
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
@@ -21,7 +21,9 @@ use super::headers::{add_forwarding, strip_hop_by_hop};
 use super::pool::UpstreamBody;
 use super::route;
 use super::upgrade::{UpgradeKind, keep_upgrade_headers, tunnel};
+use crate::authz::Deny;
 use crate::config::UpstreamProtocol;
+use crate::identity::SpiffeId;
 use crate::overload::MemoryGuard;
 use crate::resilience::breaker::{Limit, Permit};
 use crate::resilience::outlier::Observation;
@@ -44,6 +46,13 @@ pub struct ConnContext {
     /// drain timeout.
     pub retired: CancellationToken,
     pub memory: Arc<MemoryGuard>,
+    /// The SPIFFE ID the client proved with mTLS; `None` for plaintext.
+    pub peer: Option<SpiffeId>,
+    /// The listener's authorization refused this connection: every request gets 403.
+    pub denied: Option<Deny>,
+    /// The header that tells the app who called (`peer_identity_header`), with the value
+    /// for this connection; whatever the client sent under that name is removed.
+    pub peer_header: Option<(HeaderName, Option<HeaderValue>)>,
 }
 
 impl ConnContext {
@@ -64,7 +73,28 @@ impl ConnContext {
             tasks,
             retired,
             memory,
+            peer: None,
+            denied: None,
+            peer_header: None,
         }
+    }
+
+    /// Records what mTLS and authorization said about the connection.
+    pub fn with_peer(
+        mut self,
+        peer: Option<SpiffeId>,
+        denied: Option<Deny>,
+        header: Option<&HeaderName>,
+    ) -> Self {
+        self.peer_header = header.map(|name| {
+            let value = peer
+                .as_ref()
+                .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
+            (name.clone(), value)
+        });
+        self.peer = peer;
+        self.denied = denied;
+        self
     }
 }
 
@@ -138,6 +168,7 @@ impl LogSlot {
             _ => "HTTP/1.1",
         });
         record.bytes_received = Some(req.body().size_hint().exact().unwrap_or(0));
+        record.peer_identity = ctx.peer.as_ref().map(ToString::to_string);
         record.trace_id = req
             .headers()
             .get("traceparent")
@@ -183,6 +214,14 @@ pub async fn handle(
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason).with_flag(Flag::ListenerDrained);
         return Ok(refused.answer(slot, span, start));
     };
+    if let Some(deny) = ctx.denied {
+        listener.metrics.authz_denied[deny.index()].inc();
+        let refused = Refusal::new(StatusCode::FORBIDDEN, deny.explain(ctx.peer.as_ref()))
+            .with_flag(Flag::Denied);
+        let response = refused.answer(slot, span, start);
+        listener.metrics.count_status(response.status());
+        return Ok(response);
+    }
     // Shed before anything is read or allocated for the request: the point is to stop growing.
     let response = if ctx.memory.is_overloaded() {
         listener.metrics.shed_requests.inc();
@@ -270,7 +309,14 @@ async fn forward(
         let reason = format!("listener {} is not http\n", ctx.listener);
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
     };
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if let Some((name, value)) = &ctx.peer_header {
+        // The app must be able to trust this header: only the proxy sets it.
+        parts.headers.remove(name);
+        if let Some(value) = value {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+    }
     let Some(route) = route::find(routes, &parts) else {
         listener.metrics.no_route.inc();
         let host = route::request_host(&parts).unwrap_or("(none)");
@@ -390,7 +436,8 @@ async fn forward(
                 _ => return Err(internal("streamed request body already sent")),
             },
         };
-        let mut request = upstream_request(parts, upstream_body, service, endpoint, &ctx.client_ip)
+        let wire = endpoint.state.pool.wire_protocol();
+        let mut request = upstream_request(parts, upstream_body, wire, endpoint, &ctx.client_ip)
             .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
         let attempt_span = span.as_ref().map(|s| {
             attempt_span(
@@ -692,9 +739,14 @@ async fn forward_upgrade(
         let reason = format!("service {} has no endpoints\n", service.config.name);
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
     };
-    let mut request =
-        upstream_request(parts, Either::Left(body), service, endpoint, &ctx.client_ip)
-            .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+    let mut request = upstream_request(
+        parts,
+        Either::Left(body),
+        UpstreamProtocol::Http1,
+        endpoint,
+        &ctx.client_ip,
+    )
+    .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
     if kind == UpgradeKind::Connect {
         // Authority-form stays authority-form (`upstream_request` makes origin-form paths).
         *request.uri_mut() = target;
@@ -789,8 +841,11 @@ fn rate_key(
             .get(name)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default(),
-        // Until mesh identity exists, nobody is authenticated: one shared bucket.
-        RateKey::PeerIdentity => "unauthenticated".to_string(),
+        // Plaintext callers share one bucket.
+        RateKey::PeerIdentity => ctx
+            .peer
+            .as_ref()
+            .map_or_else(|| "unauthenticated".to_string(), ToString::to_string),
         RateKey::None => String::new(),
     }
 }
@@ -836,6 +891,10 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
         ),
         KeyValue::new("tern.listener", ctx.listener.to_string()),
     ];
+    let mut attributes = attributes;
+    if let Some(peer) = &ctx.peer {
+        attributes.push(KeyValue::new("tern.peer.identity", peer.to_string()));
+    }
     tracer.server_span(req.headers(), attributes, req.method().to_string())
 }
 
@@ -934,13 +993,13 @@ fn internal(what: &str) -> Refusal {
 fn upstream_request(
     mut parts: http::request::Parts,
     body: UpstreamBody,
-    service: &ServiceRt,
+    wire: UpstreamProtocol,
     endpoint: &Endpoint,
     client_ip: &HeaderValue,
 ) -> Result<Request<UpstreamBody>, String> {
     strip_hop_by_hop(&mut parts.headers);
     add_forwarding(&mut parts.headers, client_ip);
-    match service.config.protocol {
+    match wire {
         UpstreamProtocol::Http2 => {
             let authority = match parts.uri.authority() {
                 Some(a) => a.clone(),

@@ -1,5 +1,8 @@
 //! Per-endpoint upstream connections: a LIFO stack of idle HTTP/1.1 connections (keep-alive
 //! reuse) or one shared HTTP/2 connection (multiplexed), dialled to the endpoint's address.
+//! To a meshed endpoint (the service has an identity), every connection is mTLS and every
+//! request travels on the one HTTP/2 connection whatever the app spoke (ALPN `h2`); only
+//! upgrades and CONNECT get an HTTP/1.1 connection of their own (ALPN `http/1.1`).
 //!
 //! Owning the pool (rather than a generic client) keeps the request path short and lets the
 //! proxy know exactly when a request was never sent, which is what makes a retry safe.
@@ -18,7 +21,18 @@ use tracing::Instrument;
 
 use super::client::{ConnectError, connect_tcp};
 use crate::config::{BreakerConfig, UpstreamProtocol};
+use crate::identity::SpiffeId;
 use crate::resilience::breaker::{Breaker, Limit, Permit};
+use crate::tls::{Alpn, Io, MeshTls, TlsError};
+
+/// How to reach a meshed service: the proxy's mTLS and the identity its endpoints must prove.
+#[derive(Debug, Clone)]
+pub struct MeshUpstream {
+    pub tls: Arc<MeshTls>,
+    pub identity: SpiffeId,
+    /// Failed handshakes, counted per service.
+    pub failures: prometheus_client::metrics::counter::Counter,
+}
 
 /// A request body going upstream: streamed from the client (sent once), or buffered so
 /// that a retry can send it again.
@@ -38,6 +52,9 @@ pub enum UpstreamError {
     /// No connection could be made: the request was certainly not sent.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The mTLS handshake failed (wrong or untrusted identity, timeout): nothing was sent.
+    #[error("mTLS with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -60,7 +77,7 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
+            UpstreamError::Connect(_) | UpstreamError::Tls { .. } | UpstreamError::Handshake { .. }
         )
     }
 
@@ -110,6 +127,7 @@ pub struct Pool {
     /// The service's circuit breaker (shared by its endpoints) and its limits.
     breaker: Arc<Breaker>,
     limits: BreakerConfig,
+    mesh: Option<MeshUpstream>,
 }
 
 #[derive(Debug)]
@@ -140,7 +158,14 @@ impl Pool {
         idle_timeout: Duration,
         breaker: Arc<Breaker>,
         limits: BreakerConfig,
+        mesh: Option<MeshUpstream>,
     ) -> Self {
+        // Between proxies, HTTP/1.1 rides the multiplexed HTTP/2 connection.
+        let protocol = if mesh.is_some() {
+            UpstreamProtocol::Http2
+        } else {
+            protocol
+        };
         Pool {
             addr,
             protocol,
@@ -151,6 +176,33 @@ impl Pool {
             h2_dial: tokio::sync::Mutex::new(()),
             breaker,
             limits,
+            mesh,
+        }
+    }
+
+    /// What requests to this endpoint travel as on the wire (HTTP/2 when meshed).
+    pub fn wire_protocol(&self) -> UpstreamProtocol {
+        self.protocol
+    }
+
+    /// Dials the endpoint: plain TCP, or mTLS to a meshed endpoint checked against its
+    /// identity.
+    async fn dial(&self, alpn: Alpn) -> Result<Io, UpstreamError> {
+        let tcp = connect_tcp(self.addr, self.connect_timeout).await?;
+        match &self.mesh {
+            None => Ok(Io::Plain(tcp)),
+            Some(mesh) => mesh
+                .tls
+                .connect(tcp, self.addr.ip(), &mesh.identity, alpn)
+                .await
+                .map_err(|source| {
+                    mesh.failures.inc();
+                    tracing::debug!(addr = %self.addr, error = %source, "upstream mTLS failed");
+                    UpstreamError::Tls {
+                        addr: self.addr,
+                        source,
+                    }
+                }),
         }
     }
 
@@ -280,13 +332,13 @@ impl Pool {
     ) -> Result<
         (
             http1::SendRequest<UpstreamBody>,
-            http1::Connection<TokioIo<tokio::net::TcpStream>, UpstreamBody>,
+            http1::Connection<TokioIo<Io>, UpstreamBody>,
             Permit,
         ),
         UpstreamError,
     > {
         let (pending, connection) = self.admit_dial()?;
-        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        let stream = self.dial(Alpn::Http1).await?;
         drop(pending);
         let (sender, conn) = http1::Builder::new()
             // Flat writes for requests too; see `server::builder`.
@@ -344,7 +396,7 @@ impl Pool {
             return Ok(sender);
         }
         let (pending, connection) = self.admit_dial()?;
-        let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        let stream = self.dial(Alpn::H2).await?;
         drop(pending);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

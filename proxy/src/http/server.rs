@@ -10,6 +10,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::tls::Io;
 use tokio_util::sync::CancellationToken;
 
 use super::forward::{ConnContext, handle};
@@ -56,17 +58,21 @@ const TRICKLE_POLL: Duration = Duration::from_millis(10);
 pub async fn serve(
     builder: &auto::Builder<TokioExecutor>,
     header_timeout: Duration,
-    stream: TcpStream,
+    stream: Io,
     ctx: Arc<ConnContext>,
     drain: CancellationToken,
 ) {
-    let spoke = tokio::select! {
-        spoke = first_bytes(&stream, header_timeout) => spoke,
-        () = drain.cancelled() => false,
-    };
-    if !spoke {
-        tracing::debug!("client sent no request in time; closing");
-        return;
+    // Over TLS the client has spoken already (the handshake) and bytes cannot be peeked
+    // below the decryption; an idle TLS client is left to the HTTP timeouts.
+    if let Io::Plain(tcp) = &stream {
+        let spoke = tokio::select! {
+            spoke = first_bytes(tcp, header_timeout) => spoke,
+            () = drain.cancelled() => false,
+        };
+        if !spoke {
+            tracing::debug!("client sent no request in time; closing");
+            return;
+        }
     }
     let service = service_fn(move |req| handle(Arc::clone(&ctx), req));
     // With upgrades: a 101 or a CONNECT 200 hands the connection to a tunnel (`upgrade.rs`).
