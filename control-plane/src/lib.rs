@@ -3,10 +3,12 @@
 //!
 //! Layout: `model` merges and validates the sources and publishes snapshots (`cache`) built by
 //! `resources`; `ads` serves them, one task per stream; `admin` and `metrics` show what
-//! happens; `kubernetes` watches Services and EndpointSlices.
+//! happens; `kubernetes` watches Services and EndpointSlices; `ca` is the mesh's certificate
+//! authority.
 
 pub mod admin;
 pub mod ads;
+pub mod ca;
 pub mod cache;
 pub mod kubernetes;
 pub mod metrics;
@@ -45,12 +47,15 @@ pub struct Options {
     pub debounce: Duration,
     /// How often the mesh file's metadata is checked.
     pub watch_interval: Duration,
+    /// Serve the mesh certificate authority too.
+    pub ca: Option<ca::CaOptions>,
 }
 
 /// A started control plane.
 pub struct Running {
     pub xds_address: SocketAddr,
     pub admin_address: Option<SocketAddr>,
+    pub ca: Option<ca::RunningCa>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -128,6 +133,12 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         .instrument(tracing::info_span!("publish")),
     );
 
+    let ca = match options.ca {
+        Some(ca_options) => {
+            Some(ca::start(ca_options, Arc::clone(&metrics), &tracker, shutdown.clone()).await?)
+        }
+        None => None,
+    };
     let shared = Shared {
         resources: resources_rx,
         metrics,
@@ -183,6 +194,7 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
     Ok(Running {
         xds_address,
         admin_address,
+        ca,
         shutdown,
         tracker,
     })

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tern_control_plane::ca::{CaOptions, RootSource};
 use tern_control_plane::{Options, start};
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,39 @@ struct Args {
     /// Validate the mesh file and exit (0 valid, 2 invalid).
     #[arg(long)]
     check: bool,
+    /// Be the mesh's certificate authority: serve `tern.identity.v1.Identity/Certify` over
+    /// TLS on `--ca-address`.
+    #[arg(long)]
+    ca: bool,
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    ca_address: SocketAddr,
+    /// The SPIFFE trust domain the CA issues identities in.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The root (or intermediate) certificate to sign with, PEM; with `--ca-key`. Without
+    /// both, a root is made at start and kept in memory only.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The PKCS#8 PEM key of `--ca-cert`.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// How long issued certificates live.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    cert_lifetime: Duration,
+    /// Bootstrap tokens, one `SPIFFE_ID TOKEN` per line: a caller presenting TOKEN may get
+    /// a certificate for SPIFFE_ID (and only that one).
+    #[arg(long)]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Write the root certificate here (public) for proxies' `--ca-roots`.
+    #[arg(long)]
+    ca_roots_out: Option<PathBuf>,
+    /// A name the CA's serving certificate carries; repeat for more.
+    #[arg(long, default_values_t = vec![tern_control_plane::ca::DEFAULT_SERVER_NAME.to_string()])]
+    ca_server_name: Vec<String>,
+    /// With `--kubernetes`: the audience projected service-account tokens must carry
+    /// (checked by TokenReview).
+    #[arg(long, default_value = "tern-ca")]
+    token_audience: String,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -89,6 +123,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let ca = if args.ca {
+        let bootstrap = match &args.bootstrap_tokens {
+            Some(path) => tern_control_plane::ca::BootstrapTokens::read(path)?,
+            None => Default::default(),
+        };
+        let token_review = kubernetes
+            .clone()
+            .map(|client| tern_control_plane::ca::TokenReviewer {
+                client,
+                audience: args.token_audience.clone(),
+            });
+        let root = match (args.ca_cert.clone(), args.ca_key.clone()) {
+            (Some(cert), Some(key)) => RootSource::Files { cert, key },
+            _ => RootSource::Generate,
+        };
+        Some(CaOptions {
+            address: args.ca_address,
+            trust_domain: args.trust_domain.clone(),
+            root,
+            lifetime: args.cert_lifetime,
+            server_names: args.ca_server_name.clone(),
+            credentials: tern_control_plane::ca::Credentials {
+                bootstrap,
+                token_review,
+            },
+            roots_out: args.ca_roots_out.clone(),
+        })
+    } else {
+        None
+    };
     let running = start(Options {
         config: args.config,
         xds_address: args.xds_address,
@@ -96,9 +160,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         kubernetes,
         debounce: args.debounce,
         watch_interval: args.watch_interval,
+        ca,
     })
     .await?;
-    tracing::info!(xds = %running.xds_address, admin = ?running.admin_address, "tern-control-plane serving");
+    tracing::info!(
+        xds = %running.xds_address,
+        admin = ?running.admin_address,
+        ca = ?running.ca.as_ref().map(|c| c.address),
+        "tern-control-plane serving"
+    );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),

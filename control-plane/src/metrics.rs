@@ -35,6 +35,12 @@ pub struct ModelLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `bad_request`, `unauthenticated`, `wrong_identity`, `foreign_trust_domain`, `bad_csr`.
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub connected: Family<ProtocolLabels, Gauge>,
@@ -46,6 +52,8 @@ pub struct Metrics {
     pub model_updates: Family<ModelLabels, Counter>,
     pub model_version: Gauge,
     pub resources: Family<TypeLabels, Gauge>,
+    pub ca_issued: Counter,
+    pub ca_refused: Family<RefusalLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -66,6 +74,8 @@ impl Metrics {
             model_updates: Family::default(),
             model_version: Gauge::default(),
             resources: Family::default(),
+            ca_issued: Counter::default(),
+            ca_refused: Family::default(),
         };
         registry.register(
             "tern_xds_connected_streams",
@@ -111,6 +121,16 @@ impl Metrics {
             "tern_xds_resources",
             "Resources in the served snapshot",
             m.resources.clone(),
+        );
+        registry.register(
+            "tern_ca_certificates_issued",
+            "Workload certificates the mesh CA signed",
+            m.ca_issued.clone(),
+        );
+        registry.register(
+            "tern_ca_refusals",
+            "Certify calls the mesh CA refused, by reason",
+            m.ca_refused.clone(),
         );
         Arc::new(m)
     }

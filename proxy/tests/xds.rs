@@ -50,6 +50,7 @@ async fn start_cp(file: &std::path::Path, xds: SocketAddr) -> Running {
         kubernetes: None,
         debounce: Duration::from_millis(5),
         watch_interval: Duration::from_millis(10),
+        ca: None,
     })
     .await
     .expect("control plane starts")

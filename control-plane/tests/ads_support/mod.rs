@@ -196,6 +196,7 @@ impl Plane {
             kubernetes: None,
             debounce: Duration::from_millis(5),
             watch_interval: Duration::from_millis(10),
+            ca: None,
         })
         .await?;
         let admin = running.admin_address.context("the admin server is off")?;

@@ -78,6 +78,7 @@ pub async fn start_control_plane(mesh: &Path) -> anyhow::Result<Running> {
         kubernetes: None,
         debounce: Duration::from_millis(50),
         watch_interval: Duration::from_millis(50),
+        ca: None,
     })
     .await
 }
