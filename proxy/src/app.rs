@@ -90,7 +90,11 @@ impl App {
     pub fn with_mesh(mesh: Option<Arc<crate::tls::MeshTls>>) -> Self {
         let store = new_store();
         let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
+        let identity = mesh
+            .as_ref()
+            .map(|m| m.identity().counters.clone())
+            .unwrap_or_default();
+        let metrics = Metrics::with_identity(&mut registry, identity);
         registry.register_collector(Box::new(crate::admin::EndpointCollector::new(Arc::clone(
             &store,
         ))));

@@ -3,12 +3,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tern_proxy::app::{self, App};
 use tern_proxy::config::parse_duration;
+use tern_proxy::identity::{CaClient, Identity, IdentityCounters};
+use tern_proxy::tls::MeshTls;
 use tern_proxy::xds::{XdsOptions, XdsProtocol};
 use tracing::Instrument;
 
@@ -57,6 +60,27 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// This proxy's SPIFFE ID (`spiffe://TRUST_DOMAIN/ns/NS/sa/SA`). With it the proxy makes
+    /// a key in memory, gets a certificate from the mesh CA (`--ca`), is not ready until it
+    /// holds one, renews it, and speaks mTLS on listeners and to services that ask for it.
+    #[arg(long, requires_all = ["ca", "ca_roots"])]
+    identity: Option<tern_proxy::identity::SpiffeId>,
+    /// The mesh CA's Certify address, `host:port` (TLS).
+    #[arg(long, requires = "identity")]
+    ca: Option<String>,
+    /// The mesh's trust anchors (PEM): they verify the CA and every peer.
+    #[arg(long, requires = "identity")]
+    ca_roots: Option<PathBuf>,
+    /// The name the CA's certificate must carry.
+    #[arg(long, default_value = "tern-ca")]
+    ca_server_name: String,
+    /// The credential shown to the CA: a projected service-account token on Kubernetes, a
+    /// bootstrap token locally. Read on every renewal (the kubelet rotates it).
+    #[arg(long, default_value = "/var/run/secrets/tern/token")]
+    token_file: PathBuf,
+    /// Time an mTLS handshake may take.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    tls_handshake_timeout: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -287,7 +311,7 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
 
-    let app = App::new();
+    let app = new_app(&args)?;
     app.set_memory_limit(args.memory_limit);
     let version = app
         .apply(config, source)
@@ -303,7 +327,10 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
     app.spawn_reloader(path, &text, args.watch_interval)
         .context("starting the config watcher")?;
     app.set_ready(true);
-    tracing::info!(version, listeners = ?app.bound_addresses(), "tern-proxy ready");
+    if let Some(mesh) = app.mesh() {
+        tracing::info!(identity = %mesh.identity().id, "waiting for the workload certificate");
+    }
+    tracing::info!(version, listeners = ?app.bound_addresses(), "tern-proxy started");
 
     stop_requested(&app, &mut terminate).await;
     let clean = app.drain(drain_timeout).await;
@@ -316,7 +343,7 @@ async fn run(args: Args, path: PathBuf) -> anyhow::Result<ExitCode> {
 async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let app = App::new();
+    let app = new_app(&args)?;
     app.set_memory_limit(args.memory_limit);
     if let Some(addr) = args.admin_address {
         let bound = app
@@ -342,6 +369,33 @@ async fn run_xds(args: Args, server: String) -> anyhow::Result<ExitCode> {
     let _ = follower.await;
     tracing::info!(clean, "drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The app, with a workload identity when `--identity` is given: its certificate is fetched
+/// and renewed by a task that ends with the drain.
+fn new_app(args: &Args) -> anyhow::Result<App> {
+    let (Some(id), Some(ca), Some(roots)) = (&args.identity, &args.ca, &args.ca_roots) else {
+        return Ok(App::new());
+    };
+    let roots_pem = std::fs::read_to_string(roots)
+        .with_context(|| format!("reading the trust anchors {}", roots.display()))?;
+    let identity = Identity::new(id.clone(), &roots_pem, IdentityCounters::default())
+        .with_context(|| format!("the trust anchors {}", roots.display()))?;
+    let mesh = MeshTls::new(Arc::clone(&identity), args.tls_handshake_timeout)
+        .context("building the mesh TLS config")?;
+    let app = App::with_mesh(Some(mesh));
+    let client = CaClient {
+        address: ca.clone(),
+        server_name: args.ca_server_name.clone(),
+        roots_pem,
+        token_file: args.token_file.clone(),
+    };
+    tokio::spawn(
+        identity
+            .run(client, app.drain_signal())
+            .instrument(tracing::info_span!("identity", id = %id)),
+    );
+    Ok(app)
 }
 
 /// Waits for SIGTERM, an interrupt or `POST /shutdown`: all three start the same drain.

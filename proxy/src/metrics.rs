@@ -345,6 +345,14 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     /// Creates the families and registers them (with any extra collectors) in a registry.
     pub fn new(registry: &mut Registry) -> Arc<Self> {
+        Self::with_identity(registry, Default::default())
+    }
+
+    /// With the counters of the workload identity (which exists before the metrics do).
+    pub fn with_identity(
+        registry: &mut Registry,
+        identity: crate::identity::IdentityCounters,
+    ) -> Arc<Self> {
         let m = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -363,7 +371,7 @@ impl Metrics {
             authz_denied: Family::default(),
             tls_accepts: Family::default(),
             tls_connect_failures: Family::default(),
-            identity: Default::default(),
+            identity,
             listener_overflow: Family::default(),
             memory_shed: Family::default(),
             resident_memory: Gauge::default(),

@@ -11,9 +11,14 @@ use rcgen::{
 use rustls_pki_types::CertificateSigningRequestDer;
 use tern_proxy::identity::SpiffeId;
 
-/// Leaves start a minute in the past so that a proxy whose clock is slightly behind accepts
-/// them at once.
+/// Certificates start up to a minute in the past so that a proxy whose clock is slightly
+/// behind accepts them at once; short-lived leaves by 5% of their lifetime at most, since
+/// proxies renew at a share of `not_after - not_before`.
 const BACKDATE: Duration = Duration::from_secs(60);
+
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 20)
+}
 /// A generated root lives ten years; the leaves it signs live `lifetime` (default 24 h).
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// The CA's own serving certificate (for the Certify port), made at start.
@@ -211,7 +216,7 @@ impl Authority {
         ];
         params.use_authority_key_identifier_extension = true;
         let not_after = now + self.lifetime;
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = (now - backdate(self.lifetime)).into();
         params.not_after = not_after.into();
         params.serial_number = Some(serial()?);
         let leaf = CertificateSigningRequestParams {

@@ -22,6 +22,9 @@ use crate::xds::backoff::Backoff;
 /// A failed fetch is retried after 0.5 s doubling to this.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Never ask again sooner than this after a success, whatever the certificate's dates say
+/// (a CA that issues already-due certificates must not be hammered).
+const MIN_RENEW_GAP: Duration = Duration::from_millis(500);
 
 /// Where certificates come from: the CA in production, a stand-in in tests.
 pub trait Source: Send + Sync + 'static {
@@ -128,7 +131,9 @@ impl Identity {
             let wait = match source.fetch(&self.id, &self.provider).await {
                 Ok(cert) => {
                     backoff.reset();
-                    let wait = cert.renew_in(SystemTime::now(), rng.f64());
+                    let wait = cert
+                        .renew_in(SystemTime::now(), rng.f64())
+                        .max(MIN_RENEW_GAP);
                     self.install(cert);
                     wait
                 }

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// `x-delay-ms` (answer late), `x-status` (status code). The request body is streamed back.
 /// Response headers: `x-upstream` (its name), `x-seen-host`, `x-seen-xff`,
 /// `x-seen-traceparent`, `x-seen-version`,
-/// `x-seen-hop` (1 if any hop-by-hop header arrived).
+/// `x-seen-hop` (1 if any hop-by-hop header arrived), `x-seen-peer` (`x-peer-identity`).
 pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
@@ -132,6 +132,7 @@ async fn upstream_answer(
         .header("x-seen-traceparent", header("traceparent"))
         .header("x-seen-version", format!("{:?}", req.version()))
         .header("x-seen-hop", if hop { "1" } else { "0" })
+        .header("x-seen-peer", header("x-peer-identity"))
         .header(
             "x-seen-path",
             req.uri()
