@@ -197,6 +197,7 @@ mod tests {
             outlier_detection: None,
             health_check: None,
             identity: None,
+            original_destination: None,
         }];
         let merged = merge(Some(&file.raw), Some(&k8s)).expect("merges");
         assert_eq!(merged.services.len(), 2);

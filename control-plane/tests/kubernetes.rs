@@ -135,6 +135,7 @@ fn mesh(name: &str, protocol: RawServiceProtocol, endpoints: &[&str]) -> RawServ
         outlier_detection: None,
         health_check: None,
         identity: None,
+        original_destination: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn policies_survive_encode_and_decode() {
             outlier_detection: c.outlier_detection,
             health_check: c.health_check,
             identity: None,
+            original_destination: None,
         });
     }
     let rc = RouteConfiguration::decode(encoded[&TypeKind::Route][0].any.value.as_slice()).unwrap();
@@ -76,6 +77,8 @@ fn policies_survive_encode_and_decode() {
         direction: None,
         max_connections: None,
         mtls: None,
+        bind: None,
+        original_destination: None,
     });
     let decoded = Config::try_from(raw).unwrap();
 

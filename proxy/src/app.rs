@@ -205,7 +205,7 @@ impl App {
         // Listeners whose address or protocol changed are restarted; the old socket is
         // released first when the new one wants the same address.
         let mut to_bind = Vec::new();
-        for l in &config.listeners {
+        for l in config.listeners.iter().filter(|l| l.bind) {
             match running.get(&l.name) {
                 Some(h) if h.configured == l.address && h.protocol == l.kind.protocol() => {}
                 _ => to_bind.push(l),
@@ -300,7 +300,7 @@ impl App {
         }
         let gone: Vec<Arc<str>> = running
             .keys()
-            .filter(|name| !config.listeners.iter().any(|l| &l.name == *name))
+            .filter(|name| !config.listeners.iter().any(|l| &l.name == *name && l.bind))
             .cloned()
             .collect();
         for name in gone {

@@ -28,6 +28,7 @@ pub mod exposition;
 pub mod health;
 pub mod http;
 pub mod identity;
+pub mod intercept;
 pub mod listener;
 pub mod metrics;
 pub mod overload;

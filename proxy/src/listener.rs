@@ -99,19 +99,7 @@ pub fn start(
     let retired = parent.child_token();
     let name = Arc::clone(&config.name);
     let span = tracing::info_span!("listener", name = %name, address = %bound);
-    let kind = Arc::new(match &config.kind {
-        ListenerKind::Http { .. } => Kind::Http {
-            builder: Arc::new(server::builder(config.header_timeout)),
-            header_timeout: config.header_timeout,
-        },
-        ListenerKind::Tcp { .. } => Kind::Tcp,
-        ListenerKind::Auto { detect_timeout, .. } => Kind::Auto {
-            builder: Arc::new(server::builder(config.header_timeout)),
-            header_timeout: config.header_timeout,
-            memory: Arc::new(ServerFirstMemory::default()),
-            timeout: *detect_timeout,
-        },
-    });
+    let kind = Arc::new(Kind::of(config));
     let task = tokio::spawn(
         accept_loop(listener, name, kind, shared, retired.clone(), stop.clone()).instrument(span),
     );
@@ -127,6 +115,95 @@ pub fn start(
 }
 
 type HttpBuilder = hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>;
+
+impl Kind {
+    fn of(config: &Listener) -> Kind {
+        match &config.kind {
+            ListenerKind::Http { .. } => Kind::Http {
+                builder: Arc::new(server::builder(config.header_timeout)),
+                header_timeout: config.header_timeout,
+            },
+            ListenerKind::Tcp { .. } => Kind::Tcp,
+            ListenerKind::Auto { detect_timeout, .. } => Kind::Auto {
+                builder: Arc::new(server::builder(config.header_timeout)),
+                header_timeout: config.header_timeout,
+                memory: Arc::new(ServerFirstMemory::default()),
+                timeout: *detect_timeout,
+            },
+        }
+    }
+
+    /// Whether this was built from a listener config like `config` (so may serve it).
+    fn fits(&self, config: &Listener) -> bool {
+        match (self, &config.kind) {
+            (Kind::Http { header_timeout, .. }, ListenerKind::Http { .. }) => {
+                *header_timeout == config.header_timeout
+            }
+            (Kind::Tcp, ListenerKind::Tcp { .. }) => true,
+            (
+                Kind::Auto {
+                    header_timeout,
+                    timeout,
+                    ..
+                },
+                ListenerKind::Auto { detect_timeout, .. },
+            ) => *header_timeout == config.header_timeout && timeout == detect_timeout,
+            _ => false,
+        }
+    }
+}
+
+/// The serving state of the unbound listeners an original-destination listener hands
+/// connections to, made on first use and kept while their config fits (so that an auto
+/// listener's server-first memory lasts).
+#[derive(Default)]
+struct Handoff {
+    kinds: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<Kind>>>,
+}
+
+impl Handoff {
+    fn kind(&self, config: &Listener) -> Arc<Kind> {
+        let Ok(mut kinds) = self.kinds.lock() else {
+            return Arc::new(Kind::of(config));
+        };
+        match kinds.get(&config.name) {
+            Some(kind) if kind.fits(config) => Arc::clone(kind),
+            _ => {
+                let kind = Arc::new(Kind::of(config));
+                kinds.insert(Arc::clone(&config.name), Arc::clone(&kind));
+                kind
+            }
+        }
+    }
+}
+
+/// Where an accepted connection is served: by its own listener, or (intercepted) by the
+/// unbound listener for its original destination.
+fn route_connection(
+    store: &Store,
+    own: &Arc<str>,
+    own_kind: &Arc<Kind>,
+    handoff: &Handoff,
+    stream: &TcpStream,
+) -> (Arc<str>, Arc<Kind>, Option<SocketAddr>) {
+    let snapshot = store.load();
+    let intercepts = snapshot
+        .listeners
+        .get(own)
+        .is_some_and(|l| l.config.original_destination);
+    if !intercepts {
+        return (Arc::clone(own), Arc::clone(own_kind), None);
+    }
+    let original = crate::intercept::original_destination(stream);
+    match original.and_then(|dst| snapshot.unbound_listener(dst)) {
+        Some(target) => (
+            Arc::clone(&target.config.name),
+            handoff.kind(&target.config),
+            original,
+        ),
+        None => (Arc::clone(own), Arc::clone(own_kind), original),
+    }
+}
 
 enum Kind {
     Http {
@@ -155,6 +232,7 @@ async fn accept_loop(
 ) {
     tracing::info!("accepting connections");
     let open = ConnLimit::default();
+    let handoff = Arc::new(Handoff::default());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -177,16 +255,19 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", %client);
-        let (kind, shared_conn, name, retired) = (
+        let (kind, shared_conn, name, retired, handoff) = (
             Arc::clone(&kind),
             shared.clone(),
             Arc::clone(&name),
             retired.clone(),
+            Arc::clone(&handoff),
         );
         shared.tracker.spawn(
             async move {
                 let _slot = slot;
-                serve_connection(&kind, stream, client, name, shared_conn, retired).await
+                let (name, kind, original) =
+                    route_connection(&shared_conn.store, &name, &kind, &handoff, &stream);
+                serve_connection(&kind, stream, client, original, name, shared_conn, retired).await
             }
             .instrument(span),
         );
@@ -194,12 +275,13 @@ async fn accept_loop(
     tracing::info!("stopped accepting connections");
 }
 
-/// One accepted connection: mTLS as the listener's mode says, authorization, then HTTP or
+/// One accepted connection (`original`: where it was going, when intercepted): mTLS as the listener's mode says, authorization, then HTTP or
 /// opaque TCP by the listener's protocol (and, on auto listeners, by ALPN or the first bytes).
 async fn serve_connection(
     kind: &Kind,
     stream: TcpStream,
     client: SocketAddr,
+    original: Option<SocketAddr>,
     name: Arc<str>,
     shared: Shared,
     retired: CancellationToken,
@@ -254,7 +336,16 @@ async fn serve_connection(
             tracing::info!(%client, peer = ?peer.as_ref().map(SpiffeId::as_str), reason = deny.as_str(), "connection denied by authorization");
             return;
         }
-        crate::tcp::serve(&shared.store, &name, io, client, peer, retired.clone()).await;
+        crate::tcp::serve(
+            &shared.store,
+            &name,
+            io,
+            client,
+            original,
+            peer,
+            retired.clone(),
+        )
+        .await;
     };
     match kind {
         Kind::Http {
@@ -271,7 +362,9 @@ async fn serve_connection(
             Io::Plain(stream) => {
                 // The destination this listener stands for; with interception it is the
                 // connection's original destination.
-                let destination = stream.local_addr().unwrap_or(client);
+                let destination = original
+                    .or_else(|| stream.local_addr().ok())
+                    .unwrap_or(client);
                 let config = Arc::clone(&shared.store.load().config);
                 let outcome =
                     detect::sniff(&stream, destination, &config.opaque_ports, memory, *timeout)

@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub listeners: HashMap<Arc<str>, Arc<ListenerRt>>,
     pub services: HashMap<Arc<str>, Arc<ServiceRt>>,
+    /// Unbound listeners by the original destination they take.
+    pub unbound: HashMap<SocketAddr, Arc<str>>,
     /// Set by `App::apply` when the config asks for access logs (kept across snapshots
     /// while its settings stay the same).
     pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
@@ -224,6 +226,27 @@ impl EndpointState {
 }
 
 impl Snapshot {
+    /// The unbound listener for an intercepted connection's original destination: the one
+    /// for that exact address, else the one for any address on its port.
+    pub fn unbound_listener(&self, original: SocketAddr) -> Option<&Arc<ListenerRt>> {
+        if self.unbound.is_empty() {
+            return None;
+        }
+        let any = match original {
+            SocketAddr::V4(_) => {
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), original.port())
+            }
+            SocketAddr::V6(_) => {
+                SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), original.port())
+            }
+        };
+        let name = self
+            .unbound
+            .get(&original)
+            .or_else(|| self.unbound.get(&any))?;
+        self.listeners.get(name)
+    }
+
     /// An empty snapshot: no listeners, no services.
     pub fn empty() -> Self {
         Snapshot {
@@ -242,6 +265,7 @@ impl Snapshot {
             }),
             listeners: HashMap::new(),
             services: HashMap::new(),
+            unbound: HashMap::new(),
             access_log: None,
             tracing: None,
         }
@@ -380,12 +404,19 @@ impl Snapshot {
             .tracing
             .clone()
             .filter(|t| Some(t.config()) == config.tracing.as_ref());
+        let unbound = config
+            .listeners
+            .iter()
+            .filter(|l| !l.bind)
+            .map(|l| (l.address, Arc::clone(&l.name)))
+            .collect();
         Snapshot {
             version: previous.version + 1,
             source,
             config,
             listeners,
             services,
+            unbound,
             access_log,
             tracing,
         }

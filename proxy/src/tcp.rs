@@ -30,6 +30,7 @@ pub async fn serve(
     listener: &Arc<str>,
     downstream: Io,
     client: SocketAddr,
+    original: Option<SocketAddr>,
     peer: Option<SpiffeId>,
     retired: CancellationToken,
 ) {
@@ -61,6 +62,7 @@ pub async fn serve(
         &service,
         downstream,
         client,
+        original,
         &retired,
         drain_timeout,
     )
@@ -90,6 +92,7 @@ async fn forward(
     service: &Arc<ServiceRt>,
     mut downstream: Io,
     client: SocketAddr,
+    original: Option<SocketAddr>,
     retired: &CancellationToken,
     drain_timeout: std::time::Duration,
 ) -> Outcome {
@@ -118,6 +121,53 @@ async fn forward(
             };
         }
     };
+    if let Some(passthrough) = service.config.original_destination {
+        let local = downstream.tcp().local_addr().ok();
+        let target = original.map(|o| passthrough.target(o));
+        let refused = match (target, local) {
+            (None, _) => Some("the original destination is unknown"),
+            (Some(t), Some(l)) if crate::intercept::loops_back(t, l) => {
+                Some("the original destination is this proxy (not an intercepted connection)")
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
+            service.metrics.no_endpoints.inc();
+            tracing::info!(%client, ?target, why, "pass-through refused; closing");
+            let _ = downstream.shutdown().await;
+            return Outcome {
+                flag: Flag::NoRoute,
+                ..Outcome::default()
+            };
+        }
+        let Some(target) = target else {
+            return Outcome::default();
+        };
+        return match connect_tcp(target, service.config.connect_timeout).await {
+            Ok(stream) => {
+                copy(
+                    listener_rt,
+                    downstream,
+                    Io::Plain(stream),
+                    None,
+                    target.to_string(),
+                    client,
+                    retired,
+                    drain_timeout,
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::debug!(%client, %target, error = %e, "pass-through connect failed");
+                let _ = downstream.shutdown().await;
+                Outcome {
+                    flag: Flag::UpstreamConnectFailure,
+                    endpoint: Some(target.to_string()),
+                    ..Outcome::default()
+                }
+            }
+        };
+    }
     let mut rng = fastrand::Rng::new();
     let mut upstream = None;
     let mut tried = Vec::with_capacity(CONNECT_ATTEMPTS);
@@ -145,7 +195,7 @@ async fn forward(
             }
         }
     }
-    let Some((mut upstream, state)) = upstream else {
+    let Some((upstream, state)) = upstream else {
         tracing::info!(%client, service = %service.config.name, "no tcp upstream reachable; closing");
         let _ = downstream.shutdown().await;
         return Outcome {
@@ -153,9 +203,36 @@ async fn forward(
             ..Outcome::default()
         };
     };
-    let endpoint = Some(state.label.clone());
+    let label = state.label.clone();
+    copy(
+        listener_rt,
+        downstream,
+        upstream,
+        Some(state),
+        label,
+        client,
+        retired,
+        drain_timeout,
+    )
+    .await
+}
+
+/// Copies bytes both ways until both sides are done, or the drain deadline.
+#[allow(clippy::too_many_arguments)]
+async fn copy(
+    listener_rt: &ListenerRt,
+    mut downstream: Io,
+    mut upstream: Io,
+    state: Option<Arc<crate::snapshot::EndpointState>>,
+    label: String,
+    client: SocketAddr,
+    retired: &CancellationToken,
+    drain_timeout: std::time::Duration,
+) -> Outcome {
+    let metrics = &listener_rt.metrics;
+    let endpoint = Some(label);
     let _ = downstream.tcp().set_nodelay(true);
-    let _in_flight = state.load.start();
+    let _in_flight = state.as_ref().map(|s| s.load.start());
     // `copy_bidirectional` shuts down each write side when the other side's reads end, which
     // carries a half-close through, and returns when both directions are done.
     let copied = tokio::select! {
@@ -181,7 +258,9 @@ async fn forward(
             }
         }
         Err(e) => {
-            state.metrics.resets.inc();
+            if let Some(state) = &state {
+                state.metrics.resets.inc();
+            }
             tracing::debug!(%client, error = %e, "tcp connection ended with an error");
             Outcome {
                 flag: Flag::UpstreamReset,

@@ -212,6 +212,7 @@ fn add_service(
             outlier_detection: None,
             health_check: None,
             identity: None,
+            original_destination: None,
         });
     }
 }

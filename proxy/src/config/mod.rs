@@ -70,6 +70,10 @@ pub struct Listener {
     pub outbound: bool,
     pub kind: ListenerKind,
     pub mtls: ListenerMtls,
+    /// False: not bound; reached through an `original_destination` listener.
+    pub bind: bool,
+    /// Hands each connection to the unbound listener for its original destination.
+    pub original_destination: bool,
 }
 
 /// How a listener treats mutual TLS, and who may call it.
@@ -173,6 +177,25 @@ pub struct Service {
     pub health_check: Option<HealthCheckConfig>,
     /// Set: endpoints are meshed proxies that must present this identity over mTLS.
     pub identity: Option<crate::identity::SpiffeId>,
+    /// Set: no endpoints; each connection is dialled to its original destination.
+    pub original_destination: Option<OriginalDestination>,
+}
+
+/// Where a pass-through service dials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginalDestination {
+    /// Replaces the original address (the port is kept).
+    pub host: Option<std::net::IpAddr>,
+}
+
+impl OriginalDestination {
+    /// The address to dial for a connection whose original destination is `original`.
+    pub fn target(&self, original: SocketAddr) -> SocketAddr {
+        match self.host {
+            Some(ip) => SocketAddr::new(ip, original.port()),
+            None => original,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

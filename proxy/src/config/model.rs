@@ -110,6 +110,16 @@ pub struct RawListener {
     /// Mutual TLS with the mesh identity, and who may call (needs `--identity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<RawMtls>,
+    /// `false`: no socket is bound; connections whose original destination is `address`
+    /// are handed to this listener by an `original_destination` listener (Envoy's
+    /// `bind_to_port: false`). `0.0.0.0:PORT` matches any address on PORT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<bool>,
+    /// Read each connection's original destination (`SO_ORIGINAL_DST`, set by iptables
+    /// REDIRECT) and hand it to the unbound listener for that address; connections for no
+    /// such listener are served by this one (Envoy's `use_original_dst`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_destination: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -313,6 +323,19 @@ pub struct RawService {
     /// as HTTP/2 over one multiplexed connection) and checks that identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// No endpoints: each connection goes to its own original destination (pass-through
+    /// of intercepted traffic; Envoy's `ORIGINAL_DST` cluster). TCP services only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_destination: Option<RawOriginalDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOriginalDestination {
+    /// Dial this address with the original port instead of the original address (inbound
+    /// interception: `127.0.0.1` reaches the app in the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

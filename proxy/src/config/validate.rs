@@ -134,8 +134,11 @@ impl TryFrom<RawConfig> for Config {
                 outbound: l.direction == Some(RawDirection::Outbound),
                 kind,
                 mtls: security::listener_mtls(&at, l.mtls.as_ref())?,
+                bind: l.bind.unwrap_or(true),
+                original_destination: l.original_destination.unwrap_or(false),
             });
         }
+        interception(&listeners)?;
 
         let mut opaque_ports = match &raw.opaque_ports {
             Some(ports) => {
@@ -347,7 +350,76 @@ fn validate_service(at: &str, s: &RawService) -> Result<Service, ConfigError> {
         outlier_detection: policy::outlier(at, s.outlier_detection.as_ref())?,
         health_check: policy::health_check(at, s.health_check.as_ref())?,
         identity: security::service_identity(at, s.identity.as_deref())?,
+        original_destination: original_destination(at, s)?,
     })
+}
+
+fn original_destination(
+    at: &str,
+    s: &RawService,
+) -> Result<Option<OriginalDestination>, ConfigError> {
+    let Some(od) = &s.original_destination else {
+        return Ok(None);
+    };
+    let at = format!("{at}.original_destination");
+    if s.protocol != RawServiceProtocol::Tcp {
+        return Err(ConfigError::field(
+            at,
+            "only tcp services pass connections through to their original destination",
+        ));
+    }
+    if !s.endpoints.is_empty() || s.health_check.is_some() || s.identity.is_some() {
+        return Err(ConfigError::field(
+            at,
+            "a pass-through service has no endpoints, health_check or identity",
+        ));
+    }
+    let host = od
+        .host
+        .as_deref()
+        .map(|h| {
+            h.parse::<std::net::IpAddr>().map_err(|_| {
+                ConfigError::field(format!("{at}.host"), format!("{h:?} is not an IP address"))
+            })
+        })
+        .transpose()?;
+    Ok(Some(OriginalDestination { host }))
+}
+
+/// Unbound listeners are reached only through an `original_destination` listener, each
+/// address by one listener. (Pass-through services are tcp services, which routes refuse.)
+fn interception(listeners: &[Listener]) -> Result<(), ConfigError> {
+    let mut claimed = HashSet::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let at = format!("listeners[{i}]");
+        if !l.bind {
+            if l.original_destination {
+                return Err(ConfigError::field(
+                    format!("{at}.original_destination"),
+                    "an unbound listener cannot itself read original destinations",
+                ));
+            }
+            if l.address.port() == 0 {
+                return Err(ConfigError::field(
+                    format!("{at}.address"),
+                    "an unbound listener matches an original destination: give its port",
+                ));
+            }
+            if !claimed.insert(l.address) {
+                return Err(ConfigError::field(
+                    format!("{at}.address"),
+                    format!("another unbound listener already takes {}", l.address),
+                ));
+            }
+        }
+    }
+    if claimed.is_empty() || listeners.iter().any(|l| l.original_destination) {
+        return Ok(());
+    }
+    Err(ConfigError::field(
+        "listeners",
+        "unbound listeners need a listener with `original_destination: true` to reach them",
+    ))
 }
 
 fn validate_route(

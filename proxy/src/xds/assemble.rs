@@ -123,6 +123,8 @@ impl XdsState {
                         direction: None,
                         max_connections: None,
                         mtls: None,
+                        bind: None,
+                        original_destination: None,
                     };
                     let missing = match routes {
                         RouteSource::Inline(r) => self.missing_cluster(r, previous),
@@ -174,6 +176,8 @@ impl XdsState {
                         direction: None,
                         max_connections: None,
                         mtls: None,
+                        bind: None,
+                        original_destination: None,
                     };
                     if self.cluster_ready(cluster, previous) {
                         listeners.push(listener);
@@ -227,6 +231,7 @@ impl XdsState {
                 outlier_detection: c.outlier_detection.clone(),
                 health_check: c.health_check.clone(),
                 identity: None,
+                original_destination: None,
             });
         }
 
@@ -257,6 +262,7 @@ impl XdsState {
                 outlier_detection: None,
                 health_check: None,
                 identity: None,
+                original_destination: None,
             });
         }
         warming.sort();

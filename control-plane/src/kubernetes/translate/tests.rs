@@ -84,6 +84,7 @@ fn mesh(name: &str, protocol: RawServiceProtocol, endpoints: &[(&str, Option<u32
         outlier_detection: None,
         health_check: None,
         identity: None,
+        original_destination: None,
     }
 }
 

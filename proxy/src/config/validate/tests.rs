@@ -211,3 +211,84 @@ fn memory_limit_takes_sizes_and_names_the_field_when_wrong() {
     assert_eq!(path, "memory_limit");
     assert!(reason.contains("unknown unit"), "{reason}");
 }
+
+const SIDECAR: &str = r#"
+listeners:
+  - name: outbound
+    address: 127.0.0.1:15001
+    protocol: tcp
+    service: passthrough
+    original_destination: true
+  - name: api-vip
+    address: 10.96.0.10:80
+    bind: false
+    protocol: http
+    routes: [ { backends: [ { service: api } ] } ]
+services:
+  - name: passthrough
+    protocol: tcp
+    original_destination: { host: 127.0.0.1 }
+  - name: api
+    protocol: http1
+    endpoints: [ { address: 10.1.0.5:8080 } ]
+"#;
+
+#[test]
+fn sidecar_interception_validates_and_says_what_is_wrong() {
+    let config = parse_yaml(SIDECAR).expect("valid");
+    assert!(config.listeners[0].original_destination && config.listeners[0].bind);
+    assert!(!config.listeners[1].bind);
+    let passthrough = config.services[0].original_destination.unwrap();
+    assert_eq!(
+        passthrough.target("10.1.2.3:5432".parse().unwrap()),
+        "127.0.0.1:5432".parse::<SocketAddr>().unwrap()
+    );
+
+    let alone = SIDECAR.replace("    original_destination: true\n", "");
+    let (path, reason) = field_error(&alone);
+    assert_eq!(path, "listeners");
+    assert!(reason.contains("original_destination: true"), "{reason}");
+
+    let http_passthrough = SIDECAR.replace(
+        "  - name: passthrough\n    protocol: tcp",
+        "  - name: passthrough\n    protocol: http1",
+    );
+    let (path, _) = field_error(&http_passthrough);
+    assert_eq!(path, "services[0].original_destination");
+
+    let with_endpoints = SIDECAR.replace(
+        "    original_destination: { host: 127.0.0.1 }\n",
+        "    original_destination: {}\n    endpoints: [ { address: 127.0.0.1:1 } ]\n",
+    );
+    let (path, reason) = field_error(&with_endpoints);
+    assert_eq!(path, "services[0].original_destination");
+    assert!(reason.contains("no endpoints"), "{reason}");
+
+    let bad_host = SIDECAR.replace("{ host: 127.0.0.1 }", "{ host: localhost }");
+    assert_eq!(
+        field_error(&bad_host).0,
+        "services[0].original_destination.host"
+    );
+
+    let routed = SIDECAR.replace(
+        "routes: [ { backends: [ { service: api } ] } ]",
+        "routes: [ { backends: [ { service: passthrough } ] } ]",
+    );
+    let (path, reason) = field_error(&routed);
+    assert_eq!(path, "listeners[1].routes[0].backends[0].service");
+    assert!(
+        reason.contains("needs an http1 or http2 service"),
+        "{reason}"
+    );
+
+    let no_port = SIDECAR.replace("10.96.0.10:80", "10.96.0.10:0");
+    assert_eq!(field_error(&no_port).0, "listeners[1].address");
+
+    let twice = SIDECAR.replace(
+        "services:\n",
+        "  - name: again\n    address: 10.96.0.10:80\n    bind: false\n    protocol: tcp\n    service: passthrough\nservices:\n",
+    );
+    let (path, reason) = field_error(&twice);
+    assert_eq!(path, "listeners[2].address");
+    assert!(reason.contains("already"), "{reason}");
+}
