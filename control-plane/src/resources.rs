@@ -280,6 +280,10 @@ fn cluster_of(service: &Service) -> Cluster {
             .as_ref()
             .map(resilience::health_checks)
             .unwrap_or_default(),
+        transport_socket: service
+            .identity
+            .as_ref()
+            .map(tern_proxy::xds::identity::upstream_tls),
         ..Default::default()
     }
 }

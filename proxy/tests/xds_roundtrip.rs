@@ -2,7 +2,7 @@
 //! resources (`tern_control_plane::resources::encode`), decoded one resource at a time with the
 //! proxy's `TryFrom`s and assembled, validates into the same config — listeners, routes with
 //! their matches and backends, services with protocol, balancer, timeouts, endpoints and
-//! weights — and routes sample requests the same way.
+//! weights, the identity of meshed services — and routes sample requests the same way.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -97,12 +97,15 @@ services:
     load_balancer: peak_ewma
     connect_timeout: 250ms
     idle_timeout: 30s
+    # Meshed: over xDS, the cluster's TLS transport socket names the endpoints' SPIFFE ID.
+    identity: spiffe://cluster.local/ns/grpc/sa/greeter
     endpoints: [ { address: "127.0.0.1:50051", weight: 2 }, { address: "[::1]:50051" } ]
   - name: postgres
     protocol: tcp
     load_balancer: least_request
     connect_timeout: 2s
     idle_timeout: 1m
+    identity: spiffe://cluster.local/ns/db/sa/postgres
     endpoints: [ { address: "10.0.0.5:5432" } ]
   - name: api
     protocol: http1

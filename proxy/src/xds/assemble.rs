@@ -230,7 +230,7 @@ impl XdsState {
                 circuit_breaker: c.circuit_breaker.clone(),
                 outlier_detection: c.outlier_detection.clone(),
                 health_check: c.health_check.clone(),
-                identity: None,
+                identity: c.identity.clone(),
                 original_destination: None,
             });
         }

@@ -125,6 +125,8 @@ pub struct XdsCluster {
     pub circuit_breaker: Option<RawCircuitBreaker>,
     pub outlier_detection: Option<RawOutlierDetection>,
     pub health_check: Option<RawHealthCheck>,
+    /// The SPIFFE ID its endpoints present (from the cluster's TLS transport socket).
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -761,9 +763,22 @@ impl TryFrom<&Cluster> for XdsCluster {
         if c.name.is_empty() {
             return Err(at.err("name", "missing"));
         }
-        if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-            return Err(at.err("transport_socket", "upstream TLS from xDS is not supported"));
+        if !c.transport_socket_matches.is_empty() {
+            return Err(at.err(
+                "transport_socket_matches",
+                "not supported; one transport_socket names the endpoints' identity",
+            ));
         }
+        // Mesh mTLS: the endpoints' SPIFFE ID, in Envoy's own terms.
+        let identity = c
+            .transport_socket
+            .as_ref()
+            .map(|ts| {
+                super::identity::identity_of(ts)
+                    .map(|id| id.to_string())
+                    .map_err(|reason| at.err("transport_socket", reason))
+            })
+            .transpose()?;
         let endpoints = match &c.cluster_discovery_type {
             Some(cluster::ClusterDiscoveryType::Type(t))
                 if *t == cluster::DiscoveryType::Eds as i32 =>
@@ -899,6 +914,7 @@ impl TryFrom<&Cluster> for XdsCluster {
         }
         Ok(XdsCluster {
             name: c.name.clone(),
+            identity,
             protocol,
             load_balancer,
             // Unset means Envoy's default of 5 s, which is what the server expects.

@@ -5,6 +5,7 @@ mod assemble;
 pub(crate) mod backoff;
 mod client;
 pub mod decode;
+pub mod identity;
 mod policy;
 mod types;
 

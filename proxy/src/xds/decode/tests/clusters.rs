@@ -194,7 +194,13 @@ fn round_robin_and_least_request_are_read_other_policies_refused() {
 }
 
 #[test]
-fn upstream_tls_is_refused() {
+fn upstream_tls_names_the_identity_or_is_refused() {
+    let id: crate::identity::SpiffeId = "spiffe://cluster.local/ns/a/sa/api".parse().unwrap();
+    let mut c = eds_cluster("api");
+    c.transport_socket = Some(crate::xds::identity::upstream_tls(&id));
+    assert_eq!(decode(&c).unwrap().identity.as_deref(), Some(id.as_str()));
+
+    // TLS Tern cannot honour (no identity to check) is refused, not spoken in plaintext.
     let mut c = eds_cluster("api");
     c.transport_socket = Some(TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
@@ -204,7 +210,7 @@ fn upstream_tls_is_refused() {
 
     let mut c = eds_cluster("api");
     c.transport_socket_matches = vec![cluster::TransportSocketMatch::default()];
-    assert_eq!(refused(decode(&c)).field, "transport_socket");
+    assert_eq!(refused(decode(&c)).field, "transport_socket_matches");
 }
 
 #[test]
