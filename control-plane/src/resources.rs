@@ -134,6 +134,8 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
         let mut encoded = Listener {
             name: listener.name.to_string(),
             address: Some(socket_address(listener.address)),
+            metadata: tern_proxy::xds::identity::raw_mtls(&listener.mtls)
+                .map(|m| tern_proxy::xds::identity::listener_metadata(&m)),
             ..Default::default()
         };
         let route_config = match &listener.kind {

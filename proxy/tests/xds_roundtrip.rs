@@ -69,6 +69,7 @@ listeners:
   - name: grpc
     address: 127.0.0.1:15001
     protocol: http
+    mtls: { mode: permissive, peer_identity_header: x-peer-identity }
     routes:
       - match: { path_prefix: /helloworld.Greeter/ }
         backends: [ { service: greeter } ]
@@ -78,6 +79,7 @@ listeners:
     address: 0.0.0.0:15432
     protocol: tcp
     service: postgres
+    mtls: { mode: strict, authorization: { default: deny, namespaces: [shop], identities: ["spiffe://cluster.local/ns/ops/sa/backup"] } }
   - name: mixed
     address: 127.0.0.1:15006
     protocol: auto

@@ -108,6 +108,7 @@ impl XdsState {
                     routes,
                     request_header_timeout,
                     opaque,
+                    mtls,
                 } => {
                     let listener = |routes: Vec<RawRoute>| RawListener {
                         name: name.clone(),
@@ -122,7 +123,7 @@ impl XdsState {
                         detect_timeout: opaque.as_ref().map(|o| o.detect_timeout.clone()),
                         direction: None,
                         max_connections: None,
-                        mtls: None,
+                        mtls: mtls.clone(),
                         bind: None,
                         original_destination: None,
                     };
@@ -164,6 +165,7 @@ impl XdsState {
                     name,
                     address,
                     cluster,
+                    mtls,
                 } => {
                     let listener = RawListener {
                         name: name.clone(),
@@ -175,7 +177,7 @@ impl XdsState {
                         detect_timeout: None,
                         direction: None,
                         max_connections: None,
-                        mtls: None,
+                        mtls: mtls.clone(),
                         bind: None,
                         original_destination: None,
                     };

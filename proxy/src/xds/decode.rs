@@ -37,6 +37,7 @@ use envoy_types::pb::google::protobuf::{self as pbuf, Any};
 use prost::{Message, Name};
 
 use super::policy::{self, duration_text};
+use crate::config::RawMtls;
 use crate::config::{
     RawBackend, RawCircuitBreaker, RawEndpoint, RawHealthCheck, RawLoadBalancer, RawMatch,
     RawOutlierDetection, RawRoute, RawServiceProtocol,
@@ -79,11 +80,14 @@ pub enum XdsListener {
         request_header_timeout: Option<String>,
         /// Protocol detection: what is not HTTP goes to this cluster (`protocol: auto`).
         opaque: Option<OpaqueFallback>,
+        /// Mesh mTLS and authorization (Tern metadata).
+        mtls: Option<RawMtls>,
     },
     Tcp {
         name: String,
         address: String,
         cluster: String,
+        mtls: Option<RawMtls>,
     },
 }
 
@@ -203,6 +207,8 @@ impl TryFrom<&Listener> for XdsListener {
             });
         }
         let address = socket_addr(l.address.as_ref(), &at, "address")?;
+        let mtls = super::identity::mtls_of(l.metadata.as_ref())
+            .map_err(|reason| at.err("metadata.filter_metadata.tern.mtls", reason))?;
         let chain = match l.filter_chains.as_slice() {
             [one] => one,
             [] => return Err(at.err("filter_chains", "a listener needs one filter chain")),
@@ -218,7 +224,12 @@ impl TryFrom<&Listener> for XdsListener {
             }
         };
         if let Some(default) = &l.default_filter_chain {
-            return auto_listener(l, chain, default, address, &at);
+            return auto_listener(l, chain, default, address, &at).map(|mut listener| {
+                if let XdsListener::Http { mtls: m, .. } = &mut listener {
+                    *m = mtls;
+                }
+                listener
+            });
         }
         if chain
             .filter_chain_match
@@ -240,11 +251,13 @@ impl TryFrom<&Listener> for XdsListener {
                 routes,
                 request_header_timeout,
                 opaque: None,
+                mtls,
             }),
             Terminal::Tcp { cluster } => Ok(XdsListener::Tcp {
                 name: l.name.clone(),
                 address,
                 cluster,
+                mtls,
             }),
         }
     }
@@ -404,6 +417,8 @@ fn auto_listener(
             cluster,
             detect_timeout,
         }),
+        // Set by the caller, which read the listener's metadata.
+        mtls: None,
     })
 }
 

@@ -45,6 +45,7 @@ fn http_listener_with_rds() {
             routes: RouteSource::Rds("web-routes".into()),
             request_header_timeout: Some("5000ms".into()),
             opaque: None,
+            mtls: None,
         }
     );
     assert_eq!(l.name(), "web");
@@ -120,6 +121,7 @@ fn tcp_proxy_listener() {
             name: "raw".into(),
             address: "127.0.0.1:8080".into(),
             cluster: "echo".into(),
+            mtls: None,
         }
     );
 }
