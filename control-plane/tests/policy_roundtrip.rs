@@ -79,6 +79,7 @@ fn policies_survive_encode_and_decode() {
         mtls: None,
         bind: None,
         original_destination: None,
+        tls: None,
     });
     let decoded = Config::try_from(raw).unwrap();
 

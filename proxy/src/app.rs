@@ -38,6 +38,11 @@ pub enum ApplyError {
         "{what} needs mTLS, but this proxy has no identity (start it with --identity and --ca)"
     )]
     NoIdentity { what: String },
+    #[error("listener {listener}: tls: {source}")]
+    Tls {
+        listener: String,
+        source: crate::tls::gateway::GatewayError,
+    },
 }
 
 /// A running proxy. Cheap to clone.
@@ -199,6 +204,8 @@ impl App {
         if inner.mesh.is_none() {
             needs_no_identity(&config)?;
         }
+        // Certificate files are read before anything changes: a bad file rejects the config.
+        let gateways = load_gateways(&config, &inner.store.load())?;
         let config = Arc::new(config);
         let mut running = inner.listeners.lock().await;
 
@@ -268,6 +275,7 @@ impl App {
                 Err(e) => tracing::error!(error = %e, "tracing disabled"),
             }
         }
+        next.gateways = gateways;
         let next = Arc::new(next);
         let version = next.version;
         inner.store.store(Arc::clone(&next));
@@ -435,6 +443,28 @@ impl App {
                     _ = tick.tick() => {}
                 }
                 let snapshot = app.store().load_full();
+                // Gateway certificates whose files changed (renewed by cert-manager or
+                // certbot) are used from the next handshake; a bad file keeps the old ones.
+                for (listener, gateway) in &snapshot.gateways {
+                    let result = match gateway.reload_if_changed() {
+                        Ok(false) => continue,
+                        Ok(true) => {
+                            tracing::info!(%listener, "gateway certificates reloaded");
+                            "ok"
+                        }
+                        Err(e) => {
+                            tracing::warn!(%listener, error = %e, "gateway certificates not reloaded; keeping those in use");
+                            "failed"
+                        }
+                    };
+                    app.metrics()
+                        .gateway_reloads
+                        .get_or_create(&crate::metrics::TlsLabels {
+                            listener: listener.to_string(),
+                            result,
+                        })
+                        .inc();
+                }
                 let closed: usize = snapshot
                     .services
                     .values()
@@ -533,6 +563,35 @@ impl App {
 }
 
 /// Without an identity, a config must not ask for mTLS anywhere.
+/// The TLS state of every TLS-terminating listener: kept from `previous` when its
+/// certificate settings are unchanged (the reload check follows the files), read afresh
+/// otherwise.
+fn load_gateways(
+    config: &Config,
+    previous: &Snapshot,
+) -> Result<HashMap<Arc<str>, Arc<crate::tls::gateway::GatewayTls>>, ApplyError> {
+    let mut gateways = HashMap::new();
+    for l in &config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        let kept = previous
+            .gateways
+            .get(&l.name)
+            .filter(|g| g.config() == tls)
+            .cloned();
+        let gateway = match kept {
+            Some(g) => g,
+            None => {
+                crate::tls::gateway::GatewayTls::load(tls).map_err(|source| ApplyError::Tls {
+                    listener: l.name.to_string(),
+                    source,
+                })?
+            }
+        };
+        gateways.insert(Arc::clone(&l.name), gateway);
+    }
+    Ok(gateways)
+}
+
 fn needs_no_identity(config: &Config) -> Result<(), ApplyError> {
     if let Some(l) = config
         .listeners

@@ -296,9 +296,35 @@ async fn serve_connection(
         Kind::Tcp => crate::detect::DEFAULT_DETECT_TIMEOUT,
     };
     let metrics = &listener.metrics;
-    let (io, peer) = match inbound::arrive(mtls.mode, shared.mesh.as_deref(), stream, wait).await {
-        Ok(Arrival::Plain(stream)) => (Io::Plain(stream), None),
-        Ok(Arrival::Mutual(io, peer)) => {
+    let gateway = shared.store.load().gateways.get(&name).cloned();
+    let arrived = match gateway {
+        // A gateway: TLS for outside clients, no peer identity.
+        Some(gateway) => {
+            match tokio::time::timeout(wait, gateway.acceptor().accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    metrics.tls_accepts[0].inc();
+                    Ok(Gate::Gateway(Io::Server(Box::new(tls))))
+                }
+                Ok(Err(e)) => {
+                    metrics.tls_accepts[1].inc();
+                    tracing::debug!(error = %e, "gateway TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.tls_accepts[1].inc();
+                    tracing::debug!("gateway TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        None => inbound::arrive(mtls.mode, shared.mesh.as_deref(), stream, wait)
+            .await
+            .map(Gate::Mesh),
+    };
+    let (io, peer) = match arrived {
+        Ok(Gate::Gateway(io)) => (io, None),
+        Ok(Gate::Mesh(Arrival::Plain(stream))) => (Io::Plain(stream), None),
+        Ok(Gate::Mesh(Arrival::Mutual(io, peer))) => {
             metrics.tls_accepts[0].inc();
             (io, Some(peer))
         }
@@ -397,6 +423,13 @@ async fn serve_connection(
             },
         },
     }
+}
+
+/// How a connection came through its listener's TLS, if any.
+enum Gate {
+    /// Gateway TLS terminated (an outside client: no mesh identity).
+    Gateway(Io),
+    Mesh(Arrival),
 }
 
 /// Whether an accepted connection may stay: not while the memory guard sheds (a flood must

@@ -206,6 +206,8 @@ pub struct Metrics {
     tls_connect_failures: Family<ServiceLabels, Counter>,
     /// The workload certificate's renewals, failures and expiry.
     pub identity: crate::identity::IdentityCounters,
+    /// Gateway certificate reloads by listener and result.
+    pub gateway_reloads: Family<TlsLabels, Counter>,
     listener_overflow: Family<ListenerLabels, Counter>,
     memory_shed: Family<ShedLabels, Counter>,
     /// Resident memory at the memory guard's last read.
@@ -372,6 +374,7 @@ impl Metrics {
             tls_accepts: Family::default(),
             tls_connect_failures: Family::default(),
             identity,
+            gateway_reloads: Family::default(),
             listener_overflow: Family::default(),
             memory_shed: Family::default(),
             resident_memory: Gauge::default(),
@@ -488,6 +491,11 @@ impl Metrics {
             "tls_upstream_failures",
             "Outbound mTLS handshakes to a service's endpoints that failed (wrong identity, untrusted, timeout)",
             m.tls_connect_failures.clone(),
+        );
+        r.register(
+            "tls_gateway_certificate_reloads",
+            "Gateway certificate files re-read after a change, by listener and result (ok, failed: the old ones stay)",
+            m.gateway_reloads.clone(),
         );
         r.register(
             "identity_certificate_renewals",

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub services: HashMap<Arc<str>, Arc<ServiceRt>>,
     /// Unbound listeners by the original destination they take.
     pub unbound: HashMap<SocketAddr, Arc<str>>,
+    /// TLS-terminating listeners' certificates (set by `App::apply`, which reads the files).
+    pub gateways: HashMap<Arc<str>, Arc<crate::tls::gateway::GatewayTls>>,
     /// Set by `App::apply` when the config asks for access logs (kept across snapshots
     /// while its settings stay the same).
     pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
@@ -266,6 +268,7 @@ impl Snapshot {
             listeners: HashMap::new(),
             services: HashMap::new(),
             unbound: HashMap::new(),
+            gateways: HashMap::new(),
             access_log: None,
             tracing: None,
         }
@@ -417,6 +420,7 @@ impl Snapshot {
             listeners,
             services,
             unbound,
+            gateways: HashMap::new(),
             access_log,
             tracing,
         }

@@ -74,6 +74,21 @@ pub struct Listener {
     pub bind: bool,
     /// Hands each connection to the unbound listener for its original destination.
     pub original_destination: bool,
+    /// Terminates TLS for outside clients with these certificates.
+    pub tls: Option<GatewayTlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayTlsConfig {
+    pub certificates: Vec<GatewayCert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayCert {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// Lower-case; empty means the certificate's DNS names.
+    pub server_names: Vec<String>,
 }
 
 /// How a listener treats mutual TLS, and who may call it.

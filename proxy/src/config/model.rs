@@ -120,6 +120,29 @@ pub struct RawListener {
     /// such listener are served by this one (Envoy's `use_original_dst`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_destination: Option<bool>,
+    /// Terminate TLS for clients outside the mesh (a gateway), with certificates from files
+    /// chosen by SNI and reloaded when the files change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawGatewayTls>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGatewayTls {
+    /// The first is the default (clients without SNI, or with a name no certificate has).
+    pub certificates: Vec<RawGatewayCert>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGatewayCert {
+    /// PEM: the certificate, then its intermediates.
+    pub cert: String,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// The SNI names it answers (`*.example.com` for one label); default: its DNS SANs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -136,6 +136,7 @@ impl TryFrom<RawConfig> for Config {
                 mtls: security::listener_mtls(&at, l.mtls.as_ref())?,
                 bind: l.bind.unwrap_or(true),
                 original_destination: l.original_destination.unwrap_or(false),
+                tls: gateway_tls(&at, l)?,
             });
         }
         interception(&listeners)?;
@@ -352,6 +353,71 @@ fn validate_service(at: &str, s: &RawService) -> Result<Service, ConfigError> {
         identity: security::service_identity(at, s.identity.as_deref())?,
         original_destination: original_destination(at, s)?,
     })
+}
+
+fn gateway_tls(at: &str, l: &RawListener) -> Result<Option<GatewayTlsConfig>, ConfigError> {
+    let Some(tls) = &l.tls else {
+        return Ok(None);
+    };
+    let at = format!("{at}.tls");
+    if l.protocol == RawListenerProtocol::Auto {
+        return Err(ConfigError::field(
+            at,
+            "a TLS-terminating listener is http or tcp (what TLS carries is not sniffed)",
+        ));
+    }
+    if l.mtls
+        .as_ref()
+        .and_then(|m| m.mode)
+        .is_some_and(|m| m != RawMtlsMode::Disabled)
+    {
+        return Err(ConfigError::field(
+            at,
+            "a listener terminates either gateway TLS or mesh mTLS, not both",
+        ));
+    }
+    if tls.certificates.is_empty() {
+        return Err(ConfigError::field(
+            format!("{at}.certificates"),
+            "at least one certificate is needed",
+        ));
+    }
+    let mut certificates = Vec::with_capacity(tls.certificates.len());
+    for (i, c) in tls.certificates.iter().enumerate() {
+        for (field, value) in [("cert", &c.cert), ("key", &c.key)] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::field(
+                    format!("{at}.certificates[{i}].{field}"),
+                    "a file path is needed",
+                ));
+            }
+        }
+        let mut server_names = Vec::with_capacity(c.server_names.len());
+        for (j, name) in c.server_names.iter().enumerate() {
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            let valid = !bare.is_empty()
+                && bare.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                });
+            if !valid {
+                return Err(ConfigError::field(
+                    format!("{at}.certificates[{i}].server_names[{j}]"),
+                    format!("{name:?} is not a DNS name (or `*.` and one)"),
+                ));
+            }
+            server_names.push(name.to_ascii_lowercase());
+        }
+        certificates.push(GatewayCert {
+            cert: c.cert.clone().into(),
+            key: c.key.clone().into(),
+            server_names,
+        });
+    }
+    Ok(Some(GatewayTlsConfig { certificates }))
 }
 
 fn original_destination(

@@ -1,6 +1,7 @@
 //! Mesh mTLS: certificate checks by SPIFFE identity, the server and client configs that
 //! present the workload certificate, and one stream type for plaintext and TLS.
 
+pub mod gateway;
 pub mod inbound;
 pub mod io;
 pub mod mesh;

@@ -126,6 +126,7 @@ impl XdsState {
                         mtls: mtls.clone(),
                         bind: None,
                         original_destination: None,
+                        tls: None,
                     };
                     let missing = match routes {
                         RouteSource::Inline(r) => self.missing_cluster(r, previous),
@@ -180,6 +181,7 @@ impl XdsState {
                         mtls: mtls.clone(),
                         bind: None,
                         original_destination: None,
+                        tls: None,
                     };
                     if self.cluster_ready(cluster, previous) {
                         listeners.push(listener);

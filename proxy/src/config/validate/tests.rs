@@ -292,3 +292,33 @@ fn sidecar_interception_validates_and_says_what_is_wrong() {
     assert_eq!(path, "listeners[2].address");
     assert!(reason.contains("already"), "{reason}");
 }
+
+#[test]
+fn gateway_tls_validates_and_names_the_field() {
+    let base = |extra: &str, protocol: &str| {
+        format!(
+            "listeners:\n  - name: edge\n    address: 127.0.0.1:0\n    protocol: {protocol}\n    service: echo\n{extra}services:\n  - name: echo\n    protocol: tcp\n    endpoints: [ {{ address: 127.0.0.1:9 }} ]\n"
+        )
+    };
+    let tls = "    tls: { certificates: [ { cert: /etc/tls/a.crt, key: /etc/tls/a.key, server_names: [\"*.Example.com\"] } ] }\n";
+    let config = parse_yaml(&base(tls, "tcp")).expect("valid");
+    let gateway = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(gateway.certificates[0].server_names, ["*.example.com"]);
+
+    let (path, _) = field_error(&base(tls, "auto"));
+    assert_eq!(path, "listeners[0].tls");
+    let both = format!("{tls}    mtls: {{ mode: strict }}\n");
+    let (path, reason) = field_error(&base(&both, "tcp"));
+    assert_eq!(path, "listeners[0].tls");
+    assert!(reason.contains("not both"), "{reason}");
+    let none = "    tls: { certificates: [] }\n";
+    assert_eq!(
+        field_error(&base(none, "tcp")).0,
+        "listeners[0].tls.certificates"
+    );
+    let bad = tls.replace("*.Example.com", "exa mple.com");
+    assert_eq!(
+        field_error(&base(&bad, "tcp")).0,
+        "listeners[0].tls.certificates[0].server_names[0]"
+    );
+}
