@@ -154,10 +154,11 @@ $id
 EOF
 }
 
-on_core() { taskset -c 1 "$@"; }
 start() { # name, command...
     local name=$1; shift
-    on_core "$@" >"$TMP/$name.log" 2>&1 &
+    # A simple command in the background (not a function), so that $! is the process
+    # itself: taskset execs it.
+    taskset -c 1 "$@" >"$TMP/$name.log" 2>&1 &
     PIDS+=("$!")
     eval "PID_${name//-/_}=$!"
 }
@@ -264,7 +265,7 @@ for row in ["direct", "plain-2hop", "mtls-2hop"]:
     rs = rows[row]
     print(f"| {row} | {med([x['max'] for x in rs])} | {ratio(row, 'max')} | {med([x['p50'] for x in rs])} | "
           f"{med([x['p99'] for x in rs])} | {'—' if row == 'direct' else added(row, 'p99')} | "
-          f"{'(upstream) ' if row == 'direct' else ''}{med([x['cpu'] for x in rs])} | {med([x['conns'] for x in rs])} | "
+          f"{'—' if row == 'direct' else med([x['cpu'] for x in rs])} | {med([x['conns'] for x in rs])} | "
           f"{ratio(row, 'conns')} | {min(x['ok'] for x in rs):.4f} |")
 print()
 print(f"mtls-2hop vs plain-2hop, same rounds: throughput {ratio('mtls-2hop', 'max', 'plain-2hop')}, "

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::metrics::STATUS_CLASSES;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -14,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -335,6 +337,60 @@ impl Collector for EndpointCollector {
                     ];
                     ConstGauge::new(value(&e.state)).encode(family.encode_family(&labels)?)?;
                 }
+            }
+        }
+        // Endpoint counters live in the endpoints' state (see `metrics::Count`).
+        let mut family = encoder.encode_descriptor(
+            "tern_upstream_requests",
+            "Responses received from upstream endpoints, by service, endpoint and status class",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in snapshot.services.values() {
+            for e in &s.endpoints {
+                for (count, class) in e.state.metrics.requests.iter().zip(STATUS_CLASSES) {
+                    let labels = [
+                        ("service", &*s.config.name),
+                        ("endpoint", e.state.label.as_str()),
+                        ("status_class", class),
+                    ];
+                    ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tern_upstream_failures",
+            "Upstream requests or connections that failed without a response, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in snapshot.services.values() {
+            for e in &s.endpoints {
+                let m = &e.state.metrics;
+                for (count, reason) in [(&m.connect_failures, "connect"), (&m.resets, "reset")] {
+                    let labels = [
+                        ("service", &*s.config.name),
+                        ("endpoint", e.state.label.as_str()),
+                        ("reason", reason),
+                    ];
+                    ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tern_outlier_ejections",
+            "Times an endpoint was ejected by outlier detection",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in snapshot.services.values() {
+            for e in &s.endpoints {
+                let labels = [
+                    ("service", &*s.config.name),
+                    ("endpoint", e.state.label.as_str()),
+                ];
+                ConstCounter::new(e.state.metrics.ejections.get())
+                    .encode(family.encode_family(&labels)?)?;
             }
         }
         for (name, help, value) in gauges {

@@ -2,6 +2,7 @@
 //! only touches atomics: no label formatting or map lookups per request.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::fmt::Write;
 
@@ -67,32 +68,6 @@ pub struct LimitLabels {
 pub struct TimeoutLabels {
     pub service: String,
     pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub service: String,
-    pub endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointClassLabels {
-    pub service: String,
-    pub endpoint: String,
-    pub status_class: StatusClass,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointFailureLabels {
-    pub service: String,
-    pub endpoint: String,
-    pub reason: FailureReason,
-}
-
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum FailureReason {
-    Connect,
-    Reset,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -178,7 +153,6 @@ macro_rules! label_values {
 
 label_values! {
     StatusClass { C1xx => "1xx", C2xx => "2xx", C3xx => "3xx", C4xx => "4xx", C5xx => "5xx" }
-    FailureReason { Connect => "connect", Reset => "reset" }
     Direction { Upstream => "upstream", Downstream => "downstream" }
     ReloadResult { Ok => "ok", Failed => "failed" }
     ShedKind { Connection => "connection", Request => "request" }
@@ -190,8 +164,6 @@ pub struct Metrics {
     requests: Family<ListenerClassLabels, Counter>,
     request_duration: Family<ListenerLabels, Histogram>,
     no_route: Family<ListenerLabels, Counter>,
-    upstream_requests: Family<EndpointClassLabels, Counter>,
-    upstream_failures: Family<EndpointFailureLabels, Counter>,
     upstream_latency: Family<ServiceLabels, Histogram>,
     no_endpoints: Family<ServiceLabels, Counter>,
     tcp_connections: Family<ListenerLabels, Counter>,
@@ -220,7 +192,6 @@ pub struct Metrics {
     budget_exhausted: Family<ServiceLabels, Counter>,
     overloaded: Family<LimitLabels, Counter>,
     timeouts: Family<TimeoutLabels, Counter>,
-    ejections: Family<EndpointLabels, Counter>,
     /// Shared by every access log writer the process runs.
     pub access_log: crate::telemetry::access_log::LogCounters,
     /// Shared by every tracer the process runs.
@@ -321,13 +292,13 @@ impl ServiceMetrics {
     }
 }
 
-/// Handles for one endpoint of one service.
-#[derive(Debug, Clone)]
+/// The counters of one endpoint, kept across config changes with the endpoint.
+#[derive(Debug, Default)]
 pub struct EndpointMetrics {
-    pub requests: [Counter; 5],
-    pub connect_failures: Counter,
-    pub resets: Counter,
-    pub ejections: Counter,
+    pub requests: [Count; 5],
+    pub connect_failures: Count,
+    pub resets: Count,
+    pub ejections: Count,
 }
 
 impl EndpointMetrics {
@@ -335,6 +306,26 @@ impl EndpointMetrics {
         self.requests[class_index(status)].inc();
     }
 }
+
+/// An endpoint's counter: a plain atomic in the endpoint's state, written out at scrape
+/// time by `admin::EndpointCollector`. No registry entry per endpoint: with thousands of
+/// endpoints, eight labelled series each (label copies, map entries, one allocation per
+/// counter) were most of a config's memory.
+#[derive(Debug, Default)]
+pub struct Count(AtomicU64);
+
+impl Count {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The `status_class` label values, in the order of `EndpointMetrics::requests`.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 fn class_index(status: http::StatusCode) -> usize {
     (status.as_u16() / 100).clamp(1, 5) as usize - 1
@@ -359,8 +350,6 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             no_route: Family::default(),
-            upstream_requests: Family::default(),
-            upstream_failures: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             no_endpoints: Family::default(),
             tcp_connections: Family::default(),
@@ -385,7 +374,6 @@ impl Metrics {
             budget_exhausted: Family::default(),
             overloaded: Family::default(),
             timeouts: Family::default(),
-            ejections: Family::default(),
             access_log: Default::default(),
             traces: Default::default(),
         };
@@ -418,16 +406,6 @@ impl Metrics {
             "no_route",
             "HTTP requests that matched no route, by listener",
             m.no_route.clone(),
-        );
-        r.register(
-            "upstream_requests",
-            "Responses received from upstream endpoints, by service, endpoint and status class",
-            m.upstream_requests.clone(),
-        );
-        r.register(
-            "upstream_failures",
-            "Upstream requests or connections that failed without a response, by reason",
-            m.upstream_failures.clone(),
         );
         r.register(
             "upstream_response_seconds",
@@ -551,11 +529,6 @@ impl Metrics {
             "timeouts",
             "Requests that timed out, by kind (request: the route timeout; per_try)",
             m.timeouts.clone(),
-        );
-        r.register(
-            "outlier_ejections",
-            "Times an endpoint was ejected by outlier detection",
-            m.ejections.clone(),
         );
         r.register(
             "access_log_records_written",
@@ -689,56 +662,6 @@ impl Metrics {
             retries: self.retries.clone(),
             name: name.to_string(),
         }
-    }
-
-    pub fn endpoint(&self, service: &str, endpoint: &str) -> EndpointMetrics {
-        let failure = |reason| EndpointFailureLabels {
-            service: service.to_string(),
-            endpoint: endpoint.to_string(),
-            reason,
-        };
-        EndpointMetrics {
-            requests: CLASSES.map(|status_class| {
-                self.upstream_requests
-                    .get_or_create_owned(&EndpointClassLabels {
-                        service: service.to_string(),
-                        endpoint: endpoint.to_string(),
-                        status_class,
-                    })
-            }),
-            connect_failures: self
-                .upstream_failures
-                .get_or_create_owned(&failure(FailureReason::Connect)),
-            resets: self
-                .upstream_failures
-                .get_or_create_owned(&failure(FailureReason::Reset)),
-            ejections: self.ejections.get_or_create_owned(&EndpointLabels {
-                service: service.to_string(),
-                endpoint: endpoint.to_string(),
-            }),
-        }
-    }
-
-    /// Drops the series of an endpoint that left the configuration.
-    pub fn forget_endpoint(&self, service: &str, endpoint: &str) {
-        for status_class in CLASSES {
-            self.upstream_requests.remove(&EndpointClassLabels {
-                service: service.to_string(),
-                endpoint: endpoint.to_string(),
-                status_class,
-            });
-        }
-        for reason in [FailureReason::Connect, FailureReason::Reset] {
-            self.upstream_failures.remove(&EndpointFailureLabels {
-                service: service.to_string(),
-                endpoint: endpoint.to_string(),
-                reason,
-            });
-        }
-        self.ejections.remove(&EndpointLabels {
-            service: service.to_string(),
-            endpoint: endpoint.to_string(),
-        });
     }
 
     pub fn count_xds_nack(&self) {

@@ -207,7 +207,7 @@ pub struct EndpointState {
     /// `ip:port`, the endpoint's label.
     pub label: String,
     pub load: Arc<Load>,
-    pub metrics: EndpointMetrics,
+    pub metrics: Arc<EndpointMetrics>,
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -317,8 +317,8 @@ impl Snapshot {
                                 load: Arc::clone(&x.state.load),
                                 health: Arc::clone(&x.state.health),
                                 outlier: Arc::clone(&x.state.outlier),
+                                metrics: Arc::clone(&x.state.metrics),
                             },
-                            metrics,
                             &shared.breaker,
                             mesh.as_ref(),
                         )),
@@ -329,8 +329,8 @@ impl Snapshot {
                                 load: Arc::new(Load::new(now)),
                                 health: Arc::default(),
                                 outlier: Arc::default(),
+                                metrics: Arc::default(),
                             },
-                            metrics,
                             &shared.breaker,
                             mesh.as_ref(),
                         )),
@@ -353,18 +353,6 @@ impl Snapshot {
             };
             services.insert(Arc::clone(&service.name), Arc::new(rt));
         }
-        // Series of endpoints that are gone would otherwise be exported forever.
-        for (name, old) in &previous.services {
-            for e in &old.endpoints {
-                let kept = services
-                    .get(name)
-                    .is_some_and(|s| s.endpoints.iter().any(|n| n.state.addr == e.state.addr));
-                if !kept {
-                    metrics.forget_endpoint(name, &e.state.label);
-                }
-            }
-        }
-
         let listeners = config
             .listeners
             .iter()
@@ -460,6 +448,7 @@ struct Carried {
     load: Arc<Load>,
     health: Arc<Health>,
     outlier: Arc<Outlier>,
+    metrics: Arc<EndpointMetrics>,
 }
 
 impl EndpointState {
@@ -467,14 +456,13 @@ impl EndpointState {
         service: &Service,
         addr: SocketAddr,
         carried: Carried,
-        metrics: &Metrics,
         breaker: &Arc<Breaker>,
         mesh: Option<&MeshUpstream>,
     ) -> Self {
         let label = addr.to_string();
         EndpointState {
             addr,
-            metrics: metrics.endpoint(&service.name, &label),
+            metrics: carried.metrics,
             label,
             load: carried.load,
             health: carried.health,
