@@ -286,8 +286,13 @@ async fn serve_connection(
     shared: Shared,
     retired: CancellationToken,
 ) {
-    let Some(listener) = shared.store.load().listeners.get(&name).cloned() else {
-        return;
+    // One snapshot read per connection: the listener and, for a gateway, its certificates.
+    let (listener, gateway) = {
+        let snapshot = shared.store.load();
+        let Some(listener) = snapshot.listeners.get(&name).cloned() else {
+            return;
+        };
+        (listener, snapshot.gateways.get(&name).cloned())
     };
     let mtls = &listener.config.mtls;
     let wait = match kind {
@@ -296,7 +301,6 @@ async fn serve_connection(
         Kind::Tcp => crate::detect::DEFAULT_DETECT_TIMEOUT,
     };
     let metrics = &listener.metrics;
-    let gateway = shared.store.load().gateways.get(&name).cloned();
     let arrived = match gateway {
         // A gateway: TLS for outside clients, no peer identity.
         Some(gateway) => {

@@ -124,24 +124,24 @@ async fn forward(
     if let Some(passthrough) = service.config.original_destination {
         let local = downstream.tcp().local_addr().ok();
         let target = original.map(|o| passthrough.target(o));
-        let refused = match (target, local) {
-            (None, _) => Some("the original destination is unknown"),
+        let target = match (target, local) {
             (Some(t), Some(l)) if crate::intercept::loops_back(t, l) => {
-                Some("the original destination is this proxy (not an intercepted connection)")
+                Err("the original destination is this proxy (not an intercepted connection)")
             }
-            _ => None,
+            (Some(t), _) => Ok(t),
+            (None, _) => Err("the original destination is unknown"),
         };
-        if let Some(why) = refused {
-            service.metrics.no_endpoints.inc();
-            tracing::info!(%client, ?target, why, "pass-through refused; closing");
-            let _ = downstream.shutdown().await;
-            return Outcome {
-                flag: Flag::NoRoute,
-                ..Outcome::default()
-            };
-        }
-        let Some(target) = target else {
-            return Outcome::default();
+        let target = match target {
+            Ok(t) => t,
+            Err(why) => {
+                service.metrics.no_endpoints.inc();
+                tracing::info!(%client, why, "pass-through refused; closing");
+                let _ = downstream.shutdown().await;
+                return Outcome {
+                    flag: Flag::NoRoute,
+                    ..Outcome::default()
+                };
+            }
         };
         return match connect_tcp(target, service.config.connect_timeout).await {
             Ok(stream) => {
