@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::metrics::STATUS_CLASSES;
+use crate::metrics::{OVERLOAD_LIMITS, STATUS_CLASSES, ServiceCounters};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -210,7 +210,7 @@ fn endpoints_json(store: &Store) -> serde_json::Value {
                         _ => None,
                     };
                     json!({
-                        "address": e.state.label,
+                        "address": e.state.addr.to_string(),
                         "weight": e.weight,
                         "in_flight": load.in_flight(),
                         "ewma_ms": load.ewma(now).as_secs_f64() * 1000.0,
@@ -293,6 +293,8 @@ impl EndpointCollector {
 
 /// Reads one gauge value from an endpoint's load.
 type LoadGauge<'a> = dyn Fn(&Load) -> f64 + 'a;
+/// Reads one of a service's counters.
+type CounterOf = fn(&ServiceCounters) -> u64;
 /// Reads one gauge value from an endpoint's shared state.
 type StateGauge = dyn Fn(&crate::snapshot::EndpointState) -> f64;
 
@@ -327,16 +329,78 @@ impl Collector for EndpointCollector {
                 &|e| f64::from(u8::from(e.health.is_unhealthy())),
             ),
         ];
+        // Service counters live in the services' shared state (see `metrics::ServiceCounters`).
+        let mut services: Vec<_> = snapshot.services.values().collect();
+        services.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        let simple: [(&str, &str, CounterOf); 3] = [
+            (
+                "tern_no_endpoints",
+                "Requests or connections for a service that had no endpoint to send to",
+                |c| c.no_endpoints.get(),
+            ),
+            (
+                "tern_retry_budget_exhausted",
+                "Retries not made because the route's retry budget was spent",
+                |c| c.budget_exhausted.get(),
+            ),
+            (
+                "tern_tls_upstream_failures",
+                "Outbound mTLS handshakes to a service's endpoints that failed (wrong identity, untrusted, timeout)",
+                |c| c.tls_failures.get(),
+            ),
+        ];
+        for (name, help, value) in simple {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in &services {
+                let labels = [("service", &*s.config.name)];
+                ConstCounter::new(value(&s.shared.counters))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tern_overloaded",
+            "Requests or connections refused by a circuit breaker, by limit",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &services {
+            for (count, limit) in s.shared.counters.overloaded.iter().zip(OVERLOAD_LIMITS) {
+                let labels = [("service", &*s.config.name), ("limit", limit)];
+                ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tern_timeouts",
+            "Requests that timed out, by kind (request: the route timeout; per_try)",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &services {
+            let c = &s.shared.counters;
+            for (count, kind) in [
+                (&c.request_timeouts, "request"),
+                (&c.per_try_timeouts, "per_try"),
+            ] {
+                let labels = [("service", &*s.config.name), ("kind", kind)];
+                ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        // The endpoint label, formatted once per scrape (endpoints keep only their address).
+        let rows: Vec<_> = snapshot
+            .services
+            .values()
+            .flat_map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(move |e| (s, e, e.state.addr.to_string()))
+            })
+            .collect();
         for (name, help, value) in flags {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for s in snapshot.services.values() {
-                for e in &s.endpoints {
-                    let labels = [
-                        ("service", &*s.config.name),
-                        ("endpoint", e.state.label.as_str()),
-                    ];
-                    ConstGauge::new(value(&e.state)).encode(family.encode_family(&labels)?)?;
-                }
+            for (s, e, label) in &rows {
+                let labels = [("service", &*s.config.name), ("endpoint", label.as_str())];
+                ConstGauge::new(value(&e.state)).encode(family.encode_family(&labels)?)?;
             }
         }
         // Endpoint counters live in the endpoints' state (see `metrics::Count`).
@@ -346,16 +410,14 @@ impl Collector for EndpointCollector {
             None,
             MetricType::Counter,
         )?;
-        for s in snapshot.services.values() {
-            for e in &s.endpoints {
-                for (count, class) in e.state.metrics.requests.iter().zip(STATUS_CLASSES) {
-                    let labels = [
-                        ("service", &*s.config.name),
-                        ("endpoint", e.state.label.as_str()),
-                        ("status_class", class),
-                    ];
-                    ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
-                }
+        for (s, e, label) in &rows {
+            for (count, class) in e.state.metrics.requests.iter().zip(STATUS_CLASSES) {
+                let labels = [
+                    ("service", &*s.config.name),
+                    ("endpoint", label.as_str()),
+                    ("status_class", class),
+                ];
+                ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -364,17 +426,15 @@ impl Collector for EndpointCollector {
             None,
             MetricType::Counter,
         )?;
-        for s in snapshot.services.values() {
-            for e in &s.endpoints {
-                let m = &e.state.metrics;
-                for (count, reason) in [(&m.connect_failures, "connect"), (&m.resets, "reset")] {
-                    let labels = [
-                        ("service", &*s.config.name),
-                        ("endpoint", e.state.label.as_str()),
-                        ("reason", reason),
-                    ];
-                    ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
-                }
+        for (s, e, label) in &rows {
+            let m = &e.state.metrics;
+            for (count, reason) in [(&m.connect_failures, "connect"), (&m.resets, "reset")] {
+                let labels = [
+                    ("service", &*s.config.name),
+                    ("endpoint", label.as_str()),
+                    ("reason", reason),
+                ];
+                ConstCounter::new(count.get()).encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -383,26 +443,16 @@ impl Collector for EndpointCollector {
             None,
             MetricType::Counter,
         )?;
-        for s in snapshot.services.values() {
-            for e in &s.endpoints {
-                let labels = [
-                    ("service", &*s.config.name),
-                    ("endpoint", e.state.label.as_str()),
-                ];
-                ConstCounter::new(e.state.metrics.ejections.get())
-                    .encode(family.encode_family(&labels)?)?;
-            }
+        for (s, e, label) in &rows {
+            let labels = [("service", &*s.config.name), ("endpoint", label.as_str())];
+            ConstCounter::new(e.state.metrics.ejections.get())
+                .encode(family.encode_family(&labels)?)?;
         }
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for s in snapshot.services.values() {
-                for e in &s.endpoints {
-                    let labels = [
-                        ("service", &*s.config.name),
-                        ("endpoint", e.state.label.as_str()),
-                    ];
-                    ConstGauge::new(value(&e.state.load)).encode(family.encode_family(&labels)?)?;
-                }
+            for (s, e, label) in &rows {
+                let labels = [("service", &*s.config.name), ("endpoint", label.as_str())];
+                ConstGauge::new(value(&e.state.load)).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -469,7 +469,7 @@ impl App {
                     .services
                     .values()
                     .flat_map(|s| s.endpoints.iter())
-                    .map(|e| e.state.pool.sweep())
+                    .map(|e| e.pool.sweep())
                     .sum();
                 if closed > 0 {
                     tracing::debug!(closed, "closed idle upstream connections");

@@ -11,7 +11,6 @@ use http::{Method, Request};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::balance::Candidate;
 use crate::resilience::outlier::OutlierState;
 use crate::snapshot::{ListenerRtKind, RouteRt, ServiceRt, Snapshot};
 
@@ -236,9 +235,9 @@ fn service_json(s: &ServiceRt, weight: u32, share: f64, now: Instant) -> Value {
                 _ => None,
             };
             json!({
-                "address": e.state.label,
+                "address": e.state.addr.to_string(),
                 "weight": e.weight,
-                "eligible": e.eligible(now),
+                "eligible": s.eligible(e, now),
                 "health": e.state.health.state().as_str(),
                 "outlier": outlier.as_str(),
                 "ejection_seconds_left": left,

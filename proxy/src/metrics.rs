@@ -59,18 +59,6 @@ pub struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LimitLabels {
-    pub service: String,
-    pub limit: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TimeoutLabels {
-    pub service: String,
-    pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub listener: String,
     /// The route's index in its listener.
@@ -165,7 +153,6 @@ pub struct Metrics {
     request_duration: Family<ListenerLabels, Histogram>,
     no_route: Family<ListenerLabels, Counter>,
     upstream_latency: Family<ServiceLabels, Histogram>,
-    no_endpoints: Family<ServiceLabels, Counter>,
     tcp_connections: Family<ListenerLabels, Counter>,
     tcp_active: Family<ListenerLabels, Gauge>,
     tcp_bytes: Family<TcpBytesLabels, Counter>,
@@ -175,7 +162,6 @@ pub struct Metrics {
     faults: Family<FaultLabels, Counter>,
     authz_denied: Family<AuthzLabels, Counter>,
     tls_accepts: Family<TlsLabels, Counter>,
-    tls_connect_failures: Family<ServiceLabels, Counter>,
     /// The workload certificate's renewals, failures and expiry.
     pub identity: crate::identity::IdentityCounters,
     /// Gateway certificate reloads by listener and result.
@@ -189,9 +175,6 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     xds_nacks: Counter,
     retries: Family<RetryLabels, Counter>,
-    budget_exhausted: Family<ServiceLabels, Counter>,
-    overloaded: Family<LimitLabels, Counter>,
-    timeouts: Family<TimeoutLabels, Counter>,
     /// Shared by every access log writer the process runs.
     pub access_log: crate::telemetry::access_log::LogCounters,
     /// Shared by every tracer the process runs.
@@ -257,14 +240,8 @@ impl ListenerMetrics {
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
     pub latency: Histogram,
-    pub no_endpoints: Counter,
-    pub budget_exhausted: Counter,
-    /// By `Limit`: connections, pending, requests, retries.
-    pub overloaded: [Counter; 4],
-    pub request_timeouts: Counter,
-    pub per_try_timeouts: Counter,
-    /// Outbound mTLS handshakes that failed.
-    pub tls_failures: Counter,
+    /// Carried across reloads with the service (see [`ServiceCounters`]).
+    pub counters: Arc<ServiceCounters>,
     retries: Family<RetryLabels, Counter>,
     name: String,
 }
@@ -281,14 +258,41 @@ impl ServiceMetrics {
     }
 
     pub fn count_overloaded(&self, limit: crate::resilience::breaker::Limit) {
-        use crate::resilience::breaker::Limit;
-        let i = match limit {
-            Limit::Connections => 0,
-            Limit::PendingRequests => 1,
-            Limit::Requests => 2,
-            Limit::Retries => 3,
-        };
-        self.overloaded[i].inc();
+        self.counters.overloaded[limit_index(limit)].inc();
+    }
+}
+
+/// A service's counters: atomics kept with the service across reloads and written out by
+/// `admin::EndpointCollector` at scrape time, like the endpoints' (ten labelled registry
+/// series per service were half of what a service cost; a removed service's series now go
+/// with it instead of staying in the registry forever).
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    pub no_endpoints: Count,
+    pub budget_exhausted: Count,
+    /// By `Limit`, in the order of [`OVERLOAD_LIMITS`].
+    pub overloaded: [Count; 4],
+    pub request_timeouts: Count,
+    pub per_try_timeouts: Count,
+    /// Outbound mTLS handshakes that failed.
+    pub tls_failures: Count,
+}
+
+/// The `limit` label values, in the order of `ServiceCounters::overloaded`.
+pub const OVERLOAD_LIMITS: [&str; 4] = [
+    "max_connections",
+    "max_pending_requests",
+    "max_requests",
+    "max_retries",
+];
+
+fn limit_index(limit: crate::resilience::breaker::Limit) -> usize {
+    use crate::resilience::breaker::Limit;
+    match limit {
+        Limit::Connections => 0,
+        Limit::PendingRequests => 1,
+        Limit::Requests => 2,
+        Limit::Retries => 3,
     }
 }
 
@@ -351,7 +355,6 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             no_route: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
-            no_endpoints: Family::default(),
             tcp_connections: Family::default(),
             tcp_active: Family::default(),
             tcp_bytes: Family::default(),
@@ -361,7 +364,6 @@ impl Metrics {
             faults: Family::default(),
             authz_denied: Family::default(),
             tls_accepts: Family::default(),
-            tls_connect_failures: Family::default(),
             identity,
             gateway_reloads: Family::default(),
             listener_overflow: Family::default(),
@@ -371,9 +373,6 @@ impl Metrics {
             reloads: Family::default(),
             xds_nacks: Counter::default(),
             retries: Family::default(),
-            budget_exhausted: Family::default(),
-            overloaded: Family::default(),
-            timeouts: Family::default(),
             access_log: Default::default(),
             traces: Default::default(),
         };
@@ -411,11 +410,6 @@ impl Metrics {
             "upstream_response_seconds",
             "Time from request sent to response headers received, by service",
             m.upstream_latency.clone(),
-        );
-        r.register(
-            "no_endpoints",
-            "Requests or connections for a service that had no endpoint to send to",
-            m.no_endpoints.clone(),
         );
         r.register(
             "tcp_connections",
@@ -466,11 +460,6 @@ impl Metrics {
             m.tls_accepts.clone(),
         );
         r.register(
-            "tls_upstream_failures",
-            "Outbound mTLS handshakes to a service's endpoints that failed (wrong identity, untrusted, timeout)",
-            m.tls_connect_failures.clone(),
-        );
-        r.register(
             "tls_gateway_certificate_reloads",
             "Gateway certificate files re-read after a change, by listener and result (ok, failed: the old ones stay)",
             m.gateway_reloads.clone(),
@@ -514,21 +503,6 @@ impl Metrics {
             "retries",
             "Requests retried, by service and the condition that caused it",
             m.retries.clone(),
-        );
-        r.register(
-            "retry_budget_exhausted",
-            "Retries not made because the route's retry budget was spent",
-            m.budget_exhausted.clone(),
-        );
-        r.register(
-            "overloaded",
-            "Requests or connections refused by a circuit breaker, by limit",
-            m.overloaded.clone(),
-        );
-        r.register(
-            "timeouts",
-            "Requests that timed out, by kind (request: the route timeout; per_try)",
-            m.timeouts.clone(),
         );
         r.register(
             "access_log_records_written",
@@ -633,32 +607,14 @@ impl Metrics {
         }
     }
 
-    pub fn service(&self, name: &str) -> ServiceMetrics {
+    /// The metrics of service `name`, around its counters (carried across reloads).
+    pub fn service(&self, name: &str, counters: Arc<ServiceCounters>) -> ServiceMetrics {
         let l = ServiceLabels {
             service: name.to_string(),
         };
-        let limit = |limit| LimitLabels {
-            service: name.to_string(),
-            limit,
-        };
-        let timeout = |kind| TimeoutLabels {
-            service: name.to_string(),
-            kind,
-        };
         ServiceMetrics {
             latency: self.upstream_latency.get_or_create_owned(&l),
-            no_endpoints: self.no_endpoints.get_or_create_owned(&l),
-            budget_exhausted: self.budget_exhausted.get_or_create_owned(&l),
-            overloaded: [
-                "max_connections",
-                "max_pending_requests",
-                "max_requests",
-                "max_retries",
-            ]
-            .map(|l| self.overloaded.get_or_create_owned(&limit(l))),
-            request_timeouts: self.timeouts.get_or_create_owned(&timeout("request")),
-            per_try_timeouts: self.timeouts.get_or_create_owned(&timeout("per_try")),
-            tls_failures: self.tls_connect_failures.get_or_create_owned(&l),
+            counters,
             retries: self.retries.clone(),
             name: name.to_string(),
         }

@@ -5,17 +5,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::balance::{Balancer, Candidate, Load};
-use crate::config::{
-    BreakerConfig, Config, Listener, ListenerKind, OutlierConfig, Route, Service, UpstreamProtocol,
-};
+use crate::balance::{Balancer, Candidate, InFlight, Load, LoadOwner};
+use crate::config::{Config, Listener, ListenerKind, Route, Service};
 use crate::health::Health;
-use crate::http::pool::{MeshUpstream, Pool};
-use crate::metrics::{EndpointMetrics, ListenerMetrics, Metrics, ServiceMetrics};
+use crate::http::pool::{MeshUpstream, Pool, PoolSettings};
+use crate::metrics::{EndpointMetrics, ListenerMetrics, Metrics, ServiceCounters, ServiceMetrics};
 use crate::resilience::breaker::Breaker;
 use crate::resilience::budget::RetryBudget;
 use crate::resilience::outlier::{Observation, Outlier, OutlierGroup};
@@ -44,6 +41,7 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 pub struct ListenerRt {
+    /// The listener's settings; its routes are in `kind`, resolved.
     pub config: Listener,
     pub kind: ListenerRtKind,
     pub metrics: ListenerMetrics,
@@ -109,13 +107,16 @@ impl Backends {
 
 #[derive(Debug)]
 pub struct ServiceRt {
+    /// The service's settings. Its endpoint list is left empty: `endpoints` below is the
+    /// one copy (a mesh holds thousands).
     pub config: Service,
     pub endpoints: Vec<Endpoint>,
     pub balancer: Balancer,
     pub metrics: ServiceMetrics,
     pub shared: Arc<ServiceShared>,
-    /// Set when the service has an identity: its connections are mTLS, checked against it.
-    pub mesh: Option<MeshUpstream>,
+    /// How its endpoints are dialled (protocol, timeouts, limits, mTLS identity), shared by
+    /// their pools.
+    pub pools: Arc<PoolSettings>,
 }
 
 /// Per-service state that outlives config changes: circuit-breaker counts and the outlier
@@ -124,6 +125,7 @@ pub struct ServiceRt {
 pub struct ServiceShared {
     pub breaker: Arc<Breaker>,
     pub outliers: OutlierGroup,
+    pub counters: Arc<ServiceCounters>,
 }
 
 impl ServiceRt {
@@ -141,8 +143,23 @@ impl ServiceRt {
         avoid: &[usize],
     ) -> Option<(usize, &Endpoint)> {
         self.balancer
-            .pick_avoiding(&self.endpoints, rng, now, avoid)
+            .pick_where(&self.endpoints, rng, now, avoid, |e| self.eligible(e, now))
             .map(|i| (i, &self.endpoints[i]))
+    }
+
+    /// May `endpoint` get traffic now: not recently refusing connections, not failing health
+    /// checks, not ejected under this service's outlier settings.
+    pub fn eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
+        if !endpoint.eligible(now) {
+            return false;
+        }
+        match &self.config.outlier_detection {
+            Some(config) => !endpoint
+                .state
+                .outlier
+                .is_ejected(config, &self.shared.outliers, now),
+            None => true,
+        }
     }
 
     /// Feeds passive outlier detection with what a request (or connection) to `endpoint`
@@ -160,7 +177,7 @@ impl ServiceRt {
                 });
         if let Some(time) = ejected {
             endpoint.state.metrics.ejections.inc();
-            tracing::warn!(service = %self.config.name, endpoint = %endpoint.state.label, ejected_for = ?time, ?observation, "outlier detection ejected an endpoint");
+            tracing::warn!(service = %self.config.name, endpoint = %endpoint.state.addr, ejected_for = ?time, ?observation, "outlier detection ejected an endpoint");
         }
     }
 
@@ -173,13 +190,14 @@ impl ServiceRt {
     }
 }
 
-/// An endpoint as this snapshot weighs it, pointing at state shared across snapshots.
+/// An endpoint as this snapshot weighs it: its state (shared across snapshots while the
+/// address stays) and its connection pool (shared while the service's connection settings
+/// stay too).
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub weight: u32,
     pub state: Arc<EndpointState>,
-    /// The service's outlier settings and group, for the balancer's eligibility check.
-    outlier: Option<(OutlierConfig, Arc<ServiceShared>)>,
+    pub pool: Arc<Pool>,
 }
 
 impl Candidate for Endpoint {
@@ -189,41 +207,47 @@ impl Candidate for Endpoint {
     fn load(&self) -> &Load {
         &self.state.load
     }
+    /// Ejection is the service's call ([`ServiceRt::eligible`]): it holds the settings.
     fn eligible(&self, now: Instant) -> bool {
-        if !self.state.load.is_available(now) || self.state.health.is_unhealthy() {
-            return false;
-        }
-        match &self.outlier {
-            Some((config, shared)) => !self.state.outlier.is_ejected(config, &shared.outliers, now),
-            None => true,
-        }
+        self.state.load.is_available(now) && !self.state.health.is_unhealthy()
     }
 }
 
-/// What survives a reload for an endpoint that stays: load, EWMA, pool, counters.
+/// What survives a reload for an endpoint that stays: load and EWMA, health verdict,
+/// outlier record, counters. One allocation, kept small on purpose: a mesh has thousands of
+/// endpoints and every sidecar holds all of them (budgets in `proxy/tests/memory.rs`).
 #[derive(Debug)]
 pub struct EndpointState {
+    /// The endpoint's address, also its label in metrics and logs.
     pub addr: SocketAddr,
-    /// `ip:port`, the endpoint's label.
-    pub label: String,
-    pub load: Arc<Load>,
-    pub metrics: Arc<EndpointMetrics>,
-    protocol: UpstreamProtocol,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    breaker: BreakerConfig,
-    identity: Option<crate::identity::SpiffeId>,
-    /// HTTP connections to this endpoint (unused by TCP services).
-    pub pool: Arc<Pool>,
-    /// Active health check verdict (kept across config changes).
-    pub health: Arc<Health>,
-    /// Passive outlier detection (kept across config changes).
-    pub outlier: Arc<Outlier>,
+    pub load: Load,
+    /// Active health check verdict.
+    pub health: Health,
+    /// Passive outlier detection.
+    pub outlier: Outlier,
+    pub metrics: EndpointMetrics,
 }
 
 impl EndpointState {
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+    fn new(addr: SocketAddr, now: Instant) -> Self {
+        EndpointState {
+            addr,
+            load: Load::new(now),
+            health: Health::default(),
+            outlier: Outlier::default(),
+            metrics: EndpointMetrics::default(),
+        }
+    }
+
+    /// Counts a request as in flight to this endpoint until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        InFlight::start(Arc::clone(self) as Arc<dyn LoadOwner>)
+    }
+}
+
+impl LoadOwner for EndpointState {
+    fn owned_load(&self) -> &Load {
+        &self.load
     }
 }
 
@@ -286,7 +310,8 @@ impl Snapshot {
         let mut services = HashMap::with_capacity(config.services.len());
         for service in &config.services {
             let old = previous.services.get(&service.name);
-            let service_metrics = metrics.service(&service.name);
+            let shared = old.map_or_else(Arc::default, |o| Arc::clone(&o.shared));
+            let service_metrics = metrics.service(&service.name, Arc::clone(&shared.counters));
             // `App::apply` refuses a service with an identity on a proxy without one, so a
             // meshed service is never dialled in plaintext.
             let mesh = service
@@ -296,60 +321,46 @@ impl Snapshot {
                 .map(|(identity, tls)| MeshUpstream {
                     tls: Arc::clone(tls),
                     identity,
-                    failures: service_metrics.tls_failures.clone(),
+                    counters: Arc::clone(&shared.counters),
                 });
-            let shared = old.map_or_else(Arc::default, |o| Arc::clone(&o.shared));
-            let outlier = service.outlier_detection.map(|c| (c, Arc::clone(&shared)));
+            let settings = PoolSettings::new(service, Arc::clone(&shared.breaker), mesh);
+            // Same connection settings: the pools (and their open connections) carry over.
+            let (pools, old_pools) = match old {
+                Some(o) if o.pools.key() == settings.key() => (Arc::clone(&o.pools), true),
+                _ => (Arc::new(settings), false),
+            };
+            let previous_endpoints = EndpointIndex::new(old.map_or(&[][..], |o| &o.endpoints));
             let endpoints: Vec<Endpoint> = service
                 .endpoints
                 .iter()
-                .map(|e| {
-                    let old_state =
-                        old.and_then(|o| o.endpoints.iter().find(|x| x.state.addr == e.address));
-                    let state = match old_state {
-                        Some(x) if x.state.settings_match(service) => Arc::clone(&x.state),
-                        // Settings changed: new pool, but the balancer's view of the endpoint,
-                        // its health and its outlier record stay.
-                        Some(x) => Arc::new(EndpointState::new(
-                            service,
-                            e.address,
-                            Carried {
-                                load: Arc::clone(&x.state.load),
-                                health: Arc::clone(&x.state.health),
-                                outlier: Arc::clone(&x.state.outlier),
-                                metrics: Arc::clone(&x.state.metrics),
-                            },
-                            &shared.breaker,
-                            mesh.as_ref(),
-                        )),
-                        None => Arc::new(EndpointState::new(
-                            service,
-                            e.address,
-                            Carried {
-                                load: Arc::new(Load::new(now)),
-                                health: Arc::default(),
-                                outlier: Arc::default(),
-                                metrics: Arc::default(),
-                            },
-                            &shared.breaker,
-                            mesh.as_ref(),
-                        )),
-                    };
-                    Endpoint {
+                .map(|e| match previous_endpoints.get(e.address) {
+                    Some(x) => Endpoint {
                         weight: e.weight,
-                        state,
-                        outlier: outlier.clone(),
-                    }
+                        state: Arc::clone(&x.state),
+                        pool: if old_pools {
+                            Arc::clone(&x.pool)
+                        } else {
+                            Arc::new(Pool::new(e.address, Arc::clone(&pools)))
+                        },
+                    },
+                    None => Endpoint {
+                        weight: e.weight,
+                        state: Arc::new(EndpointState::new(e.address, now)),
+                        pool: Arc::new(Pool::new(e.address, Arc::clone(&pools))),
+                    },
                 })
                 .collect();
             let balancer = Balancer::new(service.load_balancer, &endpoints);
             let rt = ServiceRt {
-                config: service.clone(),
+                config: Service {
+                    endpoints: Vec::new(),
+                    ..service.clone()
+                },
                 endpoints,
                 balancer,
                 metrics: service_metrics,
                 shared,
-                mesh,
+                pools,
             };
             services.insert(Arc::clone(&service.name), Arc::new(rt));
         }
@@ -378,7 +389,7 @@ impl Snapshot {
                     },
                 };
                 let rt = ListenerRt {
-                    config: l.clone(),
+                    config: l.settings(),
                     kind,
                     metrics: metrics.listener(&l.name),
                 };
@@ -443,53 +454,27 @@ fn route_rt(route: &Route, services: &HashMap<Arc<str>, Arc<ServiceRt>>) -> Opti
     })
 }
 
-/// What an endpoint keeps when its service's connection settings change.
-struct Carried {
-    load: Arc<Load>,
-    health: Arc<Health>,
-    outlier: Arc<Outlier>,
-    metrics: Arc<EndpointMetrics>,
+/// The previous snapshot's endpoints of a service by address: a scan for a few, a map for
+/// many (so that a reload of a service with thousands of endpoints stays linear).
+enum EndpointIndex<'a> {
+    Scan(&'a [Endpoint]),
+    Map(HashMap<SocketAddr, &'a Endpoint>),
 }
 
-impl EndpointState {
-    fn new(
-        service: &Service,
-        addr: SocketAddr,
-        carried: Carried,
-        breaker: &Arc<Breaker>,
-        mesh: Option<&MeshUpstream>,
-    ) -> Self {
-        let label = addr.to_string();
-        EndpointState {
-            addr,
-            metrics: carried.metrics,
-            label,
-            load: carried.load,
-            health: carried.health,
-            outlier: carried.outlier,
-            protocol: service.protocol,
-            connect_timeout: service.connect_timeout,
-            idle_timeout: service.idle_timeout,
-            breaker: service.circuit_breaker,
-            identity: service.identity.clone(),
-            pool: Arc::new(Pool::new(
-                addr,
-                service.protocol,
-                service.connect_timeout,
-                service.idle_timeout,
-                Arc::clone(breaker),
-                service.circuit_breaker,
-                mesh.cloned(),
-            )),
+impl<'a> EndpointIndex<'a> {
+    fn new(endpoints: &'a [Endpoint]) -> Self {
+        if endpoints.len() <= 16 {
+            EndpointIndex::Scan(endpoints)
+        } else {
+            EndpointIndex::Map(endpoints.iter().map(|e| (e.state.addr, e)).collect())
         }
     }
 
-    fn settings_match(&self, service: &Service) -> bool {
-        self.protocol == service.protocol
-            && self.connect_timeout == service.connect_timeout
-            && self.idle_timeout == service.idle_timeout
-            && self.breaker == service.circuit_breaker
-            && self.identity == service.identity
+    fn get(&self, addr: SocketAddr) -> Option<&'a Endpoint> {
+        match self {
+            EndpointIndex::Scan(list) => list.iter().find(|e| e.state.addr == addr),
+            EndpointIndex::Map(map) => map.get(&addr).copied(),
+        }
     }
 }
 
@@ -524,7 +509,8 @@ mod tests {
             None,
         );
         let kept = Arc::clone(&first.services["api"].endpoints[1].state);
-        let _in_flight = kept.load.start();
+        let kept_pool = Arc::clone(&first.services["api"].endpoints[1].pool);
+        let _in_flight = kept.start();
         kept.load.observe(Duration::from_millis(7), Instant::now());
 
         // Re-weight, add an endpoint, drop another, change the balancer.
@@ -552,6 +538,28 @@ mod tests {
             api.balancer.kind(),
             crate::config::LoadBalancerKind::LeastRequest
         );
+        assert!(
+            Arc::ptr_eq(&api.endpoints[0].pool, &kept_pool),
+            "same connection settings: same pool, open connections reused"
+        );
+        assert!(
+            api.config.endpoints.is_empty(),
+            "endpoints are held once, in `endpoints`"
+        );
+
+        // A connection setting changes: a new pool, the same endpoint state.
+        let yaml = "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes: [ { backends: [ { service: api } ] } ]\nservices:\n  - name: api\n    protocol: http1\n    connect_timeout: 3s\n    endpoints: [ { address: \"127.0.0.1:2\" } ]\n";
+        let third = Snapshot::build(
+            Arc::new(parse_yaml(yaml).unwrap()),
+            "c".into(),
+            &second,
+            &metrics,
+            None,
+        );
+        let api = &third.services["api"];
+        assert!(Arc::ptr_eq(&api.endpoints[0].state, &kept));
+        assert!(!Arc::ptr_eq(&api.endpoints[0].pool, &kept_pool));
+        assert_eq!(api.endpoints[0].state.load.in_flight(), 1);
     }
 
     #[test]

@@ -134,7 +134,7 @@ async fn forward(
         let target = match target {
             Ok(t) => t,
             Err(why) => {
-                service.metrics.no_endpoints.inc();
+                service.metrics.counters.no_endpoints.inc();
                 tracing::info!(%client, why, "pass-through refused; closing");
                 let _ = downstream.shutdown().await;
                 return Outcome {
@@ -174,12 +174,12 @@ async fn forward(
     for _ in 0..CONNECT_ATTEMPTS {
         let Some((index, endpoint)) = service.pick_avoiding(&mut rng, Instant::now(), &tried)
         else {
-            service.metrics.no_endpoints.inc();
+            service.metrics.counters.no_endpoints.inc();
             break;
         };
         tried.push(index);
         let state = &endpoint.state;
-        match dial(service, state.addr, state.connect_timeout()).await {
+        match dial(service, state.addr, service.config.connect_timeout).await {
             Ok(stream) => {
                 state.load.record_success();
                 service.observe(endpoint, Observation::Success, Instant::now());
@@ -203,7 +203,7 @@ async fn forward(
             ..Outcome::default()
         };
     };
-    let label = state.label.clone();
+    let label = state.addr.to_string();
     copy(
         listener_rt,
         downstream,
@@ -232,7 +232,7 @@ async fn copy(
     let metrics = &listener_rt.metrics;
     let endpoint = Some(label);
     let _ = downstream.tcp().set_nodelay(true);
-    let _in_flight = state.as_ref().map(|s| s.load.start());
+    let _in_flight = state.as_ref().map(|s| s.start());
     // `copy_bidirectional` shuts down each write side when the other side's reads end, which
     // carries a half-close through, and returns when both directions are done.
     let copied = tokio::select! {
@@ -280,14 +280,14 @@ async fn dial(
     let tcp = connect_tcp(addr, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    match &service.mesh {
+    match service.pools.mesh() {
         None => Ok(Io::Plain(tcp)),
         Some(mesh) => mesh
             .tls
             .connect(tcp, addr.ip(), &mesh.identity, Alpn::Opaque)
             .await
             .map_err(|e| {
-                mesh.failures.inc();
+                mesh.counters.tls_failures.inc();
                 format!("mTLS with {addr}: {e}")
             }),
     }

@@ -352,7 +352,6 @@ async fn idle_upstream_connections_are_closed_by_tern_after_idle_timeout() {
     let proxy = Proxy::start(&yaml).await;
     let idle = || {
         proxy.app.store().load().services["api"].endpoints[0]
-            .state
             .pool
             .idle_count()
     };

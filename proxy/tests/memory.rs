@@ -62,14 +62,15 @@ fn mesh(services: usize, endpoints: usize) -> String {
     y
 }
 
-/// Heap held by an applied config of this size: the snapshot in the store, with its
-/// per-endpoint state, pools and metric handles (the YAML text and parse temporaries gone).
+/// Heap held by an applied config of this size: the parsed config (typed, and the raw form
+/// kept for /config_dump) and the snapshot in the store, with its per-endpoint state, pools
+/// and metric handles. The YAML text and parse temporaries are gone by the second reading.
 async fn held(services: usize, endpoints: usize) -> isize {
+    let app = tern_proxy::app::App::new();
+    let before = LIVE.load(Ordering::Relaxed);
     let yaml = mesh(services, endpoints);
     let config = tern_proxy::config::parse_yaml(&yaml).unwrap();
     drop(yaml);
-    let app = tern_proxy::app::App::new();
-    let before = LIVE.load(Ordering::Relaxed);
     app.apply(config, "memory".into()).await.unwrap();
     let after = LIVE.load(Ordering::Relaxed);
     let snapshot = Arc::clone(&app.store().load());
@@ -109,13 +110,13 @@ async fn static_config_within_budget() {
     );
 }
 
-// Measured 2026-12-06: 856 B per endpoint and 3,775 B per service (2026-11-24: 1,861 B per
-// endpoint, when each endpoint had eight labelled series in the registry; its counters are
-// now atomics in its state, written out at scrape time). The service budget is the goal
-// (4 KiB); the endpoint budget is the measured figure plus about 20 %, still above the
-// 0.5 KiB goal: the endpoint's state, pool, load and outlier records and the raw config kept
-// for /config_dump are what is left.
-const BUDGET_PER_ENDPOINT: f64 = 1030.0;
+// Measured 2026-12-06, the parsed config included: 455 B per endpoint and 3,967 B per
+// service (before this: 856 B and 3,775 B without the config, about 940 B and 5,400 B with
+// it). What brought it down: one allocation per endpoint for its load, health, outlier record
+// and counters; connection state allocated on first use; no per-endpoint label string; the
+// service's counters as atomics written out at scrape time; no second copy of the endpoint
+// list and of the listener's routes in the runtime view. The budgets are the goals.
+const BUDGET_PER_ENDPOINT: f64 = 512.0;
 const BUDGET_PER_SERVICE: f64 = 4096.0;
 
 /// The same mesh over xDS: what the proxy keeps of the decoded resources (its `XdsState`,

@@ -36,10 +36,7 @@ impl Load {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            load: Arc::clone(self),
-        }
+        InFlight::start(Arc::clone(self) as Arc<dyn LoadOwner>)
     }
 
     /// Records a response latency (time to response headers) into the EWMA.
@@ -81,15 +78,43 @@ impl Load {
     }
 }
 
+/// What holds a [`Load`]: the endpoint's state, which keeps its load inline (one allocation
+/// per endpoint) and is kept alive by the requests in flight to it.
+pub trait LoadOwner: Send + Sync + 'static {
+    fn owned_load(&self) -> &Load;
+}
+
+impl LoadOwner for Load {
+    fn owned_load(&self) -> &Load {
+        self
+    }
+}
+
 /// Decrements the in-flight count of an endpoint when dropped.
-#[derive(Debug)]
 pub struct InFlight {
-    load: Arc<Load>,
+    owner: Arc<dyn LoadOwner>,
+}
+
+impl InFlight {
+    /// Counts a request to `owner` as in flight until the guard drops.
+    pub fn start(owner: Arc<dyn LoadOwner>) -> Self {
+        owner.owned_load().in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { owner }
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight").finish_non_exhaustive()
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.owner
+            .owned_load()
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

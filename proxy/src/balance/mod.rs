@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::config::LoadBalancerKind;
 
-pub use load::{InFlight, Load, RECENT_FAILURE_WINDOW};
+pub use load::{InFlight, Load, LoadOwner, RECENT_FAILURE_WINDOW};
 pub use peak_ewma::{DECAY_TAU, DEFAULT_RTT};
 pub use round_robin::RoundRobin;
 
@@ -69,9 +69,7 @@ impl Balancer {
         self.pick_avoiding(endpoints, rng, now, &[])
     }
 
-    /// Picks among eligible endpoints not in `avoid`. When there are none, falls back to
-    /// eligible ones, then to any not avoided, then to any: when every endpoint looks bad,
-    /// spreading traffic over all of them ("panic routing") beats refusing it.
+    /// Picks among eligible endpoints not in `avoid`; see [`Balancer::pick_where`].
     pub fn pick_avoiding<C: Candidate>(
         &self,
         endpoints: &[C],
@@ -79,12 +77,28 @@ impl Balancer {
         now: Instant,
         avoid: &[usize],
     ) -> Option<usize> {
+        self.pick_where(endpoints, rng, now, avoid, |c| c.eligible(now))
+    }
+
+    /// Picks among endpoints that are `eligible` and not in `avoid`. When there are none,
+    /// falls back to eligible ones, then to any not avoided, then to any: when every endpoint
+    /// looks bad, spreading traffic over all of them ("panic routing") beats refusing it.
+    /// The caller decides eligibility, so per-service settings (outlier detection) need not
+    /// be copied into every endpoint.
+    pub fn pick_where<C: Candidate>(
+        &self,
+        endpoints: &[C],
+        rng: &mut Rng,
+        now: Instant,
+        avoid: &[usize],
+        eligible: impl Fn(&C) -> bool,
+    ) -> Option<usize> {
         if endpoints.len() <= 1 {
             return if endpoints.is_empty() { None } else { Some(0) };
         }
         // No allocation: eligibility is a few atomic loads, cheap to ask twice.
         let ok = |i: usize, use_health: bool, use_avoid: bool| {
-            (!use_avoid || !avoid.contains(&i)) && (!use_health || endpoints[i].eligible(now))
+            (!use_avoid || !avoid.contains(&i)) && (!use_health || eligible(&endpoints[i]))
         };
         let tier = [(true, true), (true, false), (false, true), (false, false)]
             .into_iter()

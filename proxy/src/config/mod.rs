@@ -136,6 +136,40 @@ pub enum ListenerKind {
     },
 }
 
+impl Listener {
+    /// This listener's settings without its routes, for the runtime listener, which holds
+    /// the routes resolved (a gateway may have thousands; one copy each is enough).
+    pub fn settings(&self) -> Listener {
+        let kind = match &self.kind {
+            ListenerKind::Http { .. } => ListenerKind::Http { routes: Vec::new() },
+            ListenerKind::Tcp { service } => ListenerKind::Tcp {
+                service: Arc::clone(service),
+            },
+            ListenerKind::Auto {
+                service,
+                detect_timeout,
+                ..
+            } => ListenerKind::Auto {
+                routes: Vec::new(),
+                service: Arc::clone(service),
+                detect_timeout: *detect_timeout,
+            },
+        };
+        Listener {
+            name: Arc::clone(&self.name),
+            address: self.address,
+            header_timeout: self.header_timeout,
+            max_connections: self.max_connections,
+            outbound: self.outbound,
+            kind,
+            mtls: self.mtls.clone(),
+            bind: self.bind,
+            original_destination: self.original_destination,
+            tls: self.tls.clone(),
+        }
+    }
+}
+
 impl ListenerKind {
     pub fn protocol(&self) -> &'static str {
         match self {

@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{Health, HealthCheckConfig, HealthState, jittered, probe};
-use crate::snapshot::Snapshot;
+use super::{HealthCheckConfig, HealthState, jittered, probe};
+use crate::snapshot::{EndpointState, Snapshot};
 
 type Key = (Arc<str>, SocketAddr);
 
@@ -26,14 +26,14 @@ impl Checkers {
         let Ok(mut running) = self.running.lock() else {
             return;
         };
-        let mut wanted: HashMap<Key, (HealthCheckConfig, Arc<Health>)> = HashMap::new();
+        let mut wanted: HashMap<Key, (HealthCheckConfig, Arc<EndpointState>)> = HashMap::new();
         for (name, service) in &snapshot.services {
             for e in &service.endpoints {
                 match &service.config.health_check {
                     Some(check) => {
                         wanted.insert(
                             (Arc::clone(name), e.state.addr),
-                            (check.clone(), Arc::clone(&e.state.health)),
+                            (check.clone(), Arc::clone(&e.state)),
                         );
                     }
                     // No check (any more): the endpoint's health is what passive signals say.
@@ -66,7 +66,7 @@ impl Checkers {
 async fn run(
     config: HealthCheckConfig,
     addr: SocketAddr,
-    health: Arc<Health>,
+    endpoint: Arc<EndpointState>,
     stop: CancellationToken,
 ) {
     let mut rng = fastrand::Rng::new();
@@ -79,7 +79,7 @@ async fn run(
             () = tokio::time::sleep(delay) => {}
         }
         let ok = probe(&config, addr).await;
-        if let Some(state) = health.record(&config, ok) {
+        if let Some(state) = endpoint.health.record(&config, ok) {
             match state {
                 HealthState::Unhealthy => tracing::warn!("endpoint failed its health checks"),
                 _ => tracing::info!(state = state.as_str(), "endpoint health changed"),

@@ -418,7 +418,7 @@ async fn forward(
     loop {
         let attempt_start = Instant::now();
         let Some((index, endpoint)) = service.pick_avoiding(&mut rng, attempt_start, &tried) else {
-            service.metrics.no_endpoints.inc();
+            service.metrics.counters.no_endpoints.inc();
             let reason = format!("service {} has no endpoints\n", service.config.name);
             return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason)
                 .with_flag(Flag::NoHealthyUpstream));
@@ -436,7 +436,7 @@ async fn forward(
                 _ => return Err(internal("streamed request body already sent")),
             },
         };
-        let wire = endpoint.state.pool.wire_protocol();
+        let wire = endpoint.pool.wire_protocol();
         let mut request = upstream_request(parts, upstream_body, wire, endpoint, &ctx.client_ip)
             .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
         let attempt_span = span.as_ref().map(|s| {
@@ -451,7 +451,7 @@ async fn forward(
         });
 
         let state = &endpoint.state;
-        let in_flight = state.load.start();
+        let in_flight = state.start();
         let per_try = policy
             .and_then(|p| p.per_try_timeout)
             .map(|t| attempt_start + t);
@@ -460,8 +460,8 @@ async fn forward(
             (a, b) => a.or(b),
         };
         let sent = match limit {
-            Some(at) => tokio::time::timeout_at(at, state.pool.send(request)).await,
-            None => Ok(state.pool.send(request).await),
+            Some(at) => tokio::time::timeout_at(at, endpoint.pool.send(request)).await,
+            None => Ok(endpoint.pool.send(request).await),
         };
         if let Some(a) = attempt_span {
             match &sent {
@@ -513,7 +513,7 @@ async fn forward(
                         let logged = slot.take().map(|mut s| {
                             s.record.status = Some(status);
                             s.record.upstream_service = Some(service.config.name.to_string());
-                            s.record.upstream_endpoint = Some(state.label.clone());
+                            s.record.upstream_endpoint = Some(state.addr.to_string());
                             s.record.retries = retrier.retries;
                             if let RequestBody::Replay(b) = &body {
                                 s.record.bytes_received = Some(b.len() as u64);
@@ -541,7 +541,7 @@ async fn forward(
                 }
             }
             Ok(Err(e)) => {
-                tracing::debug!(service = %service.config.name, endpoint = %state.label, error = %e, "upstream request failed");
+                tracing::debug!(service = %service.config.name, endpoint = %state.addr, error = %e, "upstream request failed");
                 if let Some(limit) = e.overloaded() {
                     return Err(overloaded(service, limit));
                 }
@@ -553,7 +553,7 @@ async fn forward(
                     service.observe(endpoint, Observation::Reset, now);
                     let reason = format!(
                         "upstream service {} ({}) refused the request before processing it\n",
-                        service.config.name, state.label
+                        service.config.name, state.addr
                     );
                     (
                         Attempt::ConnectFailure,
@@ -576,7 +576,7 @@ async fn forward(
                     service.observe(endpoint, Observation::Reset, now);
                     let reason = format!(
                         "upstream service {} ({}) reset or closed the connection\n",
-                        service.config.name, state.label
+                        service.config.name, state.addr
                     );
                     (
                         Attempt::Reset,
@@ -599,7 +599,7 @@ async fn forward(
                 if deadline.is_some_and(|d| now >= d) {
                     return Err(request_timeout(service, route));
                 }
-                service.metrics.per_try_timeouts.inc();
+                service.metrics.counters.per_try_timeouts.inc();
                 service.observe(endpoint, Observation::Reset, now);
                 match policy
                     .and_then(|p| retry_reason(p, &method, Attempt::PerTryTimeout))
@@ -612,7 +612,7 @@ async fn forward(
                     None => {
                         let reason = format!(
                             "upstream service {} ({}) did not answer within the per-try timeout\n",
-                            service.config.name, state.label
+                            service.config.name, state.addr
                         );
                         return Err(Refusal::new(StatusCode::GATEWAY_TIMEOUT, reason));
                     }
@@ -661,7 +661,7 @@ impl Retrier<'_> {
         }
         let now = Instant::now();
         if !route.budget.try_withdraw(now) {
-            service.metrics.budget_exhausted.inc();
+            service.metrics.counters.budget_exhausted.inc();
             return None;
         }
         let delay = backoff(policy.backoff_base, policy.backoff_max, self.retries, rng);
@@ -735,7 +735,7 @@ async fn forward_upgrade(
     let target = parts.uri.clone();
     let mut rng = fastrand::Rng::new();
     let Some((_, endpoint)) = service.pick_avoiding(&mut rng, Instant::now(), &[]) else {
-        service.metrics.no_endpoints.inc();
+        service.metrics.counters.no_endpoints.inc();
         let reason = format!("service {} has no endpoints\n", service.config.name);
         return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason));
     };
@@ -754,12 +754,12 @@ async fn forward_upgrade(
     keep_upgrade_headers(protocol, request.headers_mut());
 
     let state = &endpoint.state;
-    let in_flight = state.load.start();
+    let in_flight = state.start();
     let sent = match deadline {
-        Some(at) => tokio::time::timeout_at(at, state.pool.send_upgrade(request))
+        Some(at) => tokio::time::timeout_at(at, endpoint.pool.send_upgrade(request))
             .await
             .map_err(|_| {
-                service.metrics.request_timeouts.inc();
+                service.metrics.counters.request_timeouts.inc();
                 Refusal::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
@@ -768,7 +768,7 @@ async fn forward_upgrade(
                     ),
                 )
             })?,
-        None => state.pool.send_upgrade(request).await,
+        None => endpoint.pool.send_upgrade(request).await,
     };
     let mut response = match sent {
         Ok(response) => response,
@@ -810,7 +810,7 @@ async fn forward_upgrade(
     drop(in_flight);
     listener.metrics.upgrades.inc();
     let span =
-        tracing::debug_span!("tunnel", service = %service.config.name, endpoint = %state.label);
+        tracing::debug_span!("tunnel", service = %service.config.name, endpoint = %state.addr);
     let drain_timeout = ctx.store.load().config.drain_timeout;
     let retired = ctx.retired.clone();
     let listener_metrics = listener.metrics.clone();
@@ -914,7 +914,7 @@ fn attempt_span(
         KeyValue::new("server.address", addr.ip().to_string()),
         KeyValue::new("server.port", i64::from(addr.port())),
         KeyValue::new("tern.service", service.config.name.to_string()),
-        KeyValue::new("tern.endpoint", endpoint.state.label.clone()),
+        KeyValue::new("tern.endpoint", endpoint.state.addr.to_string()),
     ];
     if retries > 0 {
         attributes.push(KeyValue::new(
@@ -970,7 +970,7 @@ fn overloaded(service: &ServiceRt, limit: Limit) -> Refusal {
 }
 
 fn request_timeout(service: &ServiceRt, route: &RouteRt) -> Refusal {
-    service.metrics.request_timeouts.inc();
+    service.metrics.counters.request_timeouts.inc();
     let limit = route.config.timeout.unwrap_or_default();
     Refusal::new(
         StatusCode::GATEWAY_TIMEOUT,
@@ -1006,7 +1006,7 @@ fn upstream_request(
                 None => match parts.headers.get(header::HOST) {
                     Some(h) => Authority::try_from(h.as_bytes())
                         .map_err(|_| "invalid Host header\n".to_string())?,
-                    None => Authority::try_from(endpoint.state.label.as_str())
+                    None => Authority::try_from(endpoint.state.addr.to_string().as_str())
                         .map_err(|_| "invalid endpoint address\n".to_string())?,
                 },
             };
@@ -1040,7 +1040,7 @@ fn upstream_request(
                     .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 parts.uri = Uri::from(path);
             } else if !parts.headers.contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(&endpoint.state.label)
+                && let Ok(host) = HeaderValue::from_str(&endpoint.state.addr.to_string())
             {
                 parts.headers.insert(header::HOST, host);
             }

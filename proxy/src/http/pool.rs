@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::client::{ConnectError, connect_tcp};
-use crate::config::{BreakerConfig, UpstreamProtocol};
+use crate::config::{BreakerConfig, Service, UpstreamProtocol};
 use crate::identity::SpiffeId;
 use crate::resilience::breaker::{Breaker, Limit, Permit};
 use crate::tls::{Alpn, Io, MeshTls, TlsError};
@@ -30,8 +30,8 @@ use crate::tls::{Alpn, Io, MeshTls, TlsError};
 pub struct MeshUpstream {
     pub tls: Arc<MeshTls>,
     pub identity: SpiffeId,
-    /// Failed handshakes, counted per service.
-    pub failures: prometheus_client::metrics::counter::Counter,
+    /// The service's counters (failed handshakes).
+    pub counters: Arc<crate::metrics::ServiceCounters>,
 }
 
 /// A request body going upstream: streamed from the client (sent once), or buffered so
@@ -113,21 +113,71 @@ fn h2_refused(error: &hyper::Error) -> bool {
     false
 }
 
-/// The connections of one endpoint.
+/// How the endpoints of one service are dialled, shared by their pools. A service whose
+/// connection settings change gets new settings and new pools (old connections are not
+/// reused under new settings); otherwise both survive a reload.
+#[derive(Debug)]
+pub struct PoolSettings {
+    key: PoolKey,
+    /// The service's circuit breaker (shared by its endpoints, kept across reloads).
+    breaker: Arc<Breaker>,
+    mesh: Option<MeshUpstream>,
+}
+
+/// The settings that decide whether existing connections may be reused after a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKey {
+    /// The wire protocol: HTTP/2 whenever the service is meshed.
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub limits: BreakerConfig,
+    pub identity: Option<SpiffeId>,
+}
+
+impl PoolSettings {
+    pub fn new(service: &Service, breaker: Arc<Breaker>, mesh: Option<MeshUpstream>) -> Self {
+        let key = PoolKey {
+            // Between proxies, HTTP/1.1 rides the multiplexed HTTP/2 connection.
+            protocol: if mesh.is_some() {
+                UpstreamProtocol::Http2
+            } else {
+                service.protocol
+            },
+            connect_timeout: service.connect_timeout,
+            idle_timeout: service.idle_timeout,
+            limits: service.circuit_breaker,
+            identity: mesh.as_ref().map(|m| m.identity.clone()),
+        };
+        PoolSettings { key, breaker, mesh }
+    }
+
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+
+    /// Set when the service is meshed: its connections are mTLS, checked against it.
+    pub fn mesh(&self) -> Option<&MeshUpstream> {
+        self.mesh.as_ref()
+    }
+}
+
+/// The connections of one endpoint. Most endpoints of a large mesh are never called by a
+/// given sidecar, so the connection state is allocated on first use: an idle endpoint costs
+/// its address and two pointers.
 #[derive(Debug)]
 pub struct Pool {
     addr: SocketAddr,
-    protocol: UpstreamProtocol,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    settings: Arc<PoolSettings>,
+    conns: OnceLock<Box<Conns>>,
+}
+
+#[derive(Debug, Default)]
+struct Conns {
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     /// Held while dialling the HTTP/2 connection, so concurrent requests share one dial.
     h2_dial: tokio::sync::Mutex<()>,
-    /// The service's circuit breaker (shared by its endpoints) and its limits.
-    breaker: Arc<Breaker>,
-    limits: BreakerConfig,
-    mesh: Option<MeshUpstream>,
 }
 
 #[derive(Debug)]
@@ -151,52 +201,35 @@ impl Lease {
 }
 
 impl Pool {
-    pub fn new(
-        addr: SocketAddr,
-        protocol: UpstreamProtocol,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        breaker: Arc<Breaker>,
-        limits: BreakerConfig,
-        mesh: Option<MeshUpstream>,
-    ) -> Self {
-        // Between proxies, HTTP/1.1 rides the multiplexed HTTP/2 connection.
-        let protocol = if mesh.is_some() {
-            UpstreamProtocol::Http2
-        } else {
-            protocol
-        };
+    pub fn new(addr: SocketAddr, settings: Arc<PoolSettings>) -> Self {
         Pool {
             addr,
-            protocol,
-            connect_timeout,
-            idle_timeout,
-            idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-            h2_dial: tokio::sync::Mutex::new(()),
-            breaker,
-            limits,
-            mesh,
+            settings,
+            conns: OnceLock::new(),
         }
+    }
+
+    fn conns(&self) -> &Conns {
+        self.conns.get_or_init(Box::default)
     }
 
     /// What requests to this endpoint travel as on the wire (HTTP/2 when meshed).
     pub fn wire_protocol(&self) -> UpstreamProtocol {
-        self.protocol
+        self.settings.key.protocol
     }
 
     /// Dials the endpoint: plain TCP, or mTLS to a meshed endpoint checked against its
     /// identity.
     async fn dial(&self, alpn: Alpn) -> Result<Io, UpstreamError> {
-        let tcp = connect_tcp(self.addr, self.connect_timeout).await?;
-        match &self.mesh {
+        let tcp = connect_tcp(self.addr, self.settings.key.connect_timeout).await?;
+        match &self.settings.mesh {
             None => Ok(Io::Plain(tcp)),
             Some(mesh) => mesh
                 .tls
                 .connect(tcp, self.addr.ip(), &mesh.identity, alpn)
                 .await
                 .map_err(|source| {
-                    mesh.failures.inc();
+                    mesh.counters.tls_failures.inc();
                     tracing::debug!(addr = %self.addr, error = %source, "upstream mTLS failed");
                     UpstreamError::Tls {
                         addr: self.addr,
@@ -209,13 +242,17 @@ impl Pool {
     /// A new connection needs room under `max_connections`, and the request waiting for it
     /// room under `max_pending_requests`; past either, fail fast rather than queue.
     fn admit_dial(&self) -> Result<(Permit, Permit), UpstreamError> {
-        let pending = self
+        let settings = &self.settings;
+        let pending = settings
             .breaker
-            .try_acquire(Limit::PendingRequests, self.limits.max_pending_requests)
+            .try_acquire(
+                Limit::PendingRequests,
+                settings.key.limits.max_pending_requests,
+            )
             .map_err(UpstreamError::Overloaded)?;
-        let connection = self
+        let connection = settings
             .breaker
-            .try_acquire(Limit::Connections, self.limits.max_connections)
+            .try_acquire(Limit::Connections, settings.key.limits.max_connections)
             .map_err(UpstreamError::Overloaded)?;
         Ok((pending, connection))
     }
@@ -225,7 +262,7 @@ impl Pool {
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
-        match self.protocol {
+        match self.settings.key.protocol {
             UpstreamProtocol::Http2 => {
                 let mut sender = self.h2_sender().await?;
                 let response =
@@ -279,10 +316,10 @@ impl Pool {
     /// The most recently used idle connection that is still open and fresh.
     async fn checkout(&self) -> Option<http1::SendRequest<UpstreamBody>> {
         loop {
-            let idle = self.idle.lock().ok()?.pop()?;
+            let idle = self.conns.get()?.idle.lock().ok()?.pop()?;
             // Tern closes connections idle past its timeout, before the upstream's own
             // keep-alive timeout can close them under a request.
-            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
+            if idle.since.elapsed() >= self.settings.key.idle_timeout || idle.sender.is_closed() {
                 continue;
             }
             let mut sender = idle.sender;
@@ -295,18 +332,22 @@ impl Pool {
     /// Closes idle connections past the idle timeout. Called periodically, so that Tern, not
     /// the upstream, closes connections of an endpoint that has gone quiet.
     pub fn sweep(&self) -> usize {
-        let Ok(mut idle) = self.idle.lock() else {
+        let Some(Ok(mut idle)) = self.conns.get().map(|c| c.idle.lock()) else {
             return 0;
         };
         let now = Instant::now();
         let before = idle.len();
-        idle.retain(|i| now.duration_since(i.since) < self.idle_timeout && !i.sender.is_closed());
+        let timeout = self.settings.key.idle_timeout;
+        idle.retain(|i| now.duration_since(i.since) < timeout && !i.sender.is_closed());
         before - idle.len()
     }
 
     /// Idle HTTP/1.1 connections held now.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+        self.conns
+            .get()
+            .and_then(|c| c.idle.lock().ok().map(|i| i.len()))
+            .unwrap_or(0)
     }
 
     /// Returns a connection whose response was read whole. Staleness is dealt with when a
@@ -315,7 +356,7 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock()
+        if let Ok(mut idle) = self.conns().idle.lock()
             && idle.len() < MAX_IDLE_PER_ENDPOINT
         {
             idle.push(Idle {
@@ -391,7 +432,7 @@ impl Pool {
         if let Some(sender) = self.open_h2() {
             return Ok(sender);
         }
-        let _dialling = self.h2_dial.lock().await;
+        let _dialling = self.conns().h2_dial.lock().await;
         if let Some(sender) = self.open_h2() {
             return Ok(sender);
         }
@@ -414,14 +455,14 @@ impl Pool {
             connection,
             tracing::debug_span!("upstream_h2", addr = %self.addr),
         );
-        if let Ok(mut slot) = self.h2.lock() {
+        if let Ok(mut slot) = self.conns().h2.lock() {
             *slot = Some(sender.clone());
         }
         Ok(sender)
     }
 
     fn open_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
-        let slot = self.h2.lock().ok()?;
+        let slot = self.conns.get()?.h2.lock().ok()?;
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 }

@@ -40,8 +40,10 @@ struct Window {
     origin: Instant,
     /// Index of the slot `current_second` falls in.
     current_second: u64,
-    requests: [u64; SLOTS],
-    retries: [u64; SLOTS],
+    /// Per-second counts: u32 is plenty (4 billion a second) and halves the window, which
+    /// every route has.
+    requests: [u32; SLOTS],
+    retries: [u32; SLOTS],
 }
 
 impl Window {
@@ -86,7 +88,7 @@ impl RetryBudget {
         if let Ok(mut w) = self.window.lock() {
             w.advance(now);
             let s = w.slot();
-            w.requests[s] += 1;
+            w.requests[s] = w.requests[s].saturating_add(1);
         }
     }
 
@@ -97,15 +99,15 @@ impl RetryBudget {
             return false;
         };
         w.advance(now);
-        let requests: u64 = w.requests.iter().sum();
-        let retries: u64 = w.retries.iter().sum();
+        let requests: u64 = w.requests.iter().map(|&n| u64::from(n)).sum();
+        let retries: u64 = w.retries.iter().map(|&n| u64::from(n)).sum();
         let allowed = (self.config.ratio * requests as f64).floor() as u64
             + u64::from(self.config.min_per_second) * WINDOW.as_secs();
         if retries >= allowed {
             return false;
         }
         let s = w.slot();
-        w.retries[s] += 1;
+        w.retries[s] = w.retries[s].saturating_add(1);
         true
     }
 }
