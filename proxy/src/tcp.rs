@@ -53,8 +53,8 @@ pub async fn serve(
     let service = Arc::clone(service);
     let start = Instant::now();
     let record = log.as_ref().map(|_| {
-        let mut r = Record::new("tcp", listener, &client.ip().to_string());
-        r.peer_identity = peer.as_ref().map(ToString::to_string);
+        let mut r = Record::new("tcp", Arc::clone(listener), client.ip());
+        r.peer_identity = peer.clone();
         r
     });
     let outcome = forward(
@@ -70,7 +70,7 @@ pub async fn serve(
     if let (Some(log), Some(mut record)) = (log, record) {
         record.set_duration(start.elapsed());
         record.response_flags = outcome.flag.as_str();
-        record.upstream_service = Some(service.config.name.to_string());
+        record.upstream_service = Some(Arc::clone(&service.config.name));
         record.upstream_endpoint = outcome.endpoint;
         record.bytes_received = Some(outcome.to_upstream);
         record.bytes_sent = outcome.to_client;
@@ -82,7 +82,7 @@ pub async fn serve(
 #[derive(Default)]
 struct Outcome {
     flag: Flag,
-    endpoint: Option<String>,
+    endpoint: Option<SocketAddr>,
     to_upstream: u64,
     to_client: u64,
 }
@@ -150,7 +150,7 @@ async fn forward(
                     downstream,
                     Io::Plain(stream),
                     None,
-                    target.to_string(),
+                    target,
                     client,
                     retired,
                     drain_timeout,
@@ -162,7 +162,7 @@ async fn forward(
                 let _ = downstream.shutdown().await;
                 Outcome {
                     flag: Flag::UpstreamConnectFailure,
-                    endpoint: Some(target.to_string()),
+                    endpoint: Some(target),
                     ..Outcome::default()
                 }
             }
@@ -203,13 +203,13 @@ async fn forward(
             ..Outcome::default()
         };
     };
-    let label = state.addr.to_string();
+    let addr = state.addr;
     copy(
         listener_rt,
         downstream,
         upstream,
         Some(state),
-        label,
+        addr,
         client,
         retired,
         drain_timeout,
@@ -224,13 +224,13 @@ async fn copy(
     mut downstream: Io,
     mut upstream: Io,
     state: Option<Arc<crate::snapshot::EndpointState>>,
-    label: String,
+    target: SocketAddr,
     client: SocketAddr,
     retired: &CancellationToken,
     drain_timeout: std::time::Duration,
 ) -> Outcome {
     let metrics = &listener_rt.metrics;
-    let endpoint = Some(label);
+    let endpoint = Some(target);
     let _ = downstream.tcp().set_nodelay(true);
     let _in_flight = state.as_ref().map(|s| s.start());
     // `copy_bidirectional` shuts down each write side when the other side's reads end, which

@@ -30,7 +30,7 @@ use crate::resilience::outlier::Observation;
 use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe_default};
 use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
-use crate::telemetry::access_log::{AccessLog, Flag, Record};
+use crate::telemetry::access_log::{self, AccessLog, Flag, Record};
 use crate::telemetry::traces::{AttemptSpan, ServerSpan, Tracing};
 
 /// What one downstream connection needs to serve requests.
@@ -40,6 +40,7 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// The client's IP, formatted once per connection for `x-forwarded-for`.
     pub client_ip: HeaderValue,
+    pub client: std::net::IpAddr,
     /// Where tunnels opened by upgrades and CONNECT run, so that the drain waits for them.
     pub tasks: TaskTracker,
     /// Fires when the listener is retired or the process drains; tunnels then get the
@@ -70,6 +71,7 @@ impl ConnContext {
             store,
             listener,
             client_ip,
+            client: client.ip(),
             tasks,
             retired,
             memory,
@@ -151,31 +153,31 @@ pub struct LogSlot {
 
 impl LogSlot {
     fn new(log: Arc<AccessLog>, ctx: &ConnContext, req: &Request<Incoming>) -> Self {
-        let mut record = Record::new("http", &ctx.listener, ctx.client_ip.to_str().unwrap_or("-"));
-        record.method = Some(req.method().to_string());
+        let mut record = Record::new("http", Arc::clone(&ctx.listener), ctx.client);
+        record.method = Some(req.method().clone());
         record.authority = match req.uri().authority() {
-            Some(a) => Some(a.as_str().to_string()),
+            Some(a) => Some(access_log::Authority::Uri(a.clone())),
             None => req
                 .headers()
                 .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string),
+                .cloned()
+                .map(access_log::Authority::Host),
         };
-        record.path = req.uri().path_and_query().map(|p| p.as_str().to_string());
+        record.path = req.uri().path_and_query().cloned();
         record.protocol = Some(match req.version() {
             Version::HTTP_2 => "HTTP/2",
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         });
         record.bytes_received = Some(req.body().size_hint().exact().unwrap_or(0));
-        record.peer_identity = ctx.peer.as_ref().map(ToString::to_string);
+        record.peer_identity = ctx.peer.clone();
         record.trace_id = req
             .headers()
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split('-').nth(1))
             .filter(|id| id.len() == 32)
-            .map(str::to_string);
+            .and_then(|id| u128::from_str_radix(id, 16).ok());
         LogSlot { log, record }
     }
 
@@ -206,7 +208,7 @@ pub async fn handle(
     let mut span = tracer.map(|t| server_span(&t, &ctx, &req));
     let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req));
     if let (Some(slot), Some(span)) = (slot.as_mut(), span.as_ref()) {
-        slot.record.trace_id = span.trace_id();
+        slot.record.trace_id = Some(u128::from_be_bytes(span.trace_id().to_bytes()));
     }
     let Some(listener) = listener else {
         let reason = format!("listener {} was removed\n", ctx.listener);
@@ -512,15 +514,15 @@ async fn forward(
                         strip_hop_by_hop(&mut parts.headers);
                         let logged = slot.take().map(|mut s| {
                             s.record.status = Some(status);
-                            s.record.upstream_service = Some(service.config.name.to_string());
-                            s.record.upstream_endpoint = Some(state.addr.to_string());
+                            s.record.upstream_service = Some(Arc::clone(&service.config.name));
+                            s.record.upstream_endpoint = Some(state.addr);
                             s.record.retries = retrier.retries;
                             if let RequestBody::Replay(b) = &body {
                                 s.record.bytes_received = Some(b.len() as u64);
                             }
                             (s.log, s.record)
                         });
-                        if let Some(s) = span.as_ref() {
+                        if let Some(s) = span.as_ref().filter(|s| s.is_recording()) {
                             s.set_attribute(opentelemetry::KeyValue::new(
                                 "tern.retries",
                                 i64::from(retrier.retries),
@@ -858,44 +860,42 @@ fn route_index(routes: &[RouteRt], route: &RouteRt) -> usize {
 }
 
 /// The server span of a request, with the HTTP semantic-convention attributes known at its
-/// start.
+/// start (built only when the request is sampled).
 fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>) -> ServerSpan {
     use opentelemetry::KeyValue;
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.split(':').next().unwrap_or(h).to_string())
-        })
-        .unwrap_or_default();
-    let attributes = vec![
-        KeyValue::new("http.request.method", req.method().to_string()),
-        KeyValue::new("url.path", req.uri().path().to_string()),
-        KeyValue::new("url.scheme", "http"),
-        KeyValue::new("server.address", host),
-        KeyValue::new(
-            "network.protocol.version",
-            if req.version() == Version::HTTP_2 {
-                "2"
-            } else {
-                "1.1"
-            },
-        ),
-        KeyValue::new(
-            "client.address",
-            ctx.client_ip.to_str().unwrap_or("").to_string(),
-        ),
-        KeyValue::new("tern.listener", ctx.listener.to_string()),
-    ];
-    let mut attributes = attributes;
-    if let Some(peer) = &ctx.peer {
-        attributes.push(KeyValue::new("tern.peer.identity", peer.to_string()));
-    }
-    tracer.server_span(req.headers(), attributes, req.method().to_string())
+    tracer.server_span(req.headers(), || {
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.split(':').next().unwrap_or(h).to_string())
+            })
+            .unwrap_or_default();
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("server.address", host),
+            KeyValue::new(
+                "network.protocol.version",
+                if req.version() == Version::HTTP_2 {
+                    "2"
+                } else {
+                    "1.1"
+                },
+            ),
+            KeyValue::new("client.address", ctx.client.to_string()),
+            KeyValue::new("tern.listener", ctx.listener.to_string()),
+        ];
+        if let Some(peer) = &ctx.peer {
+            attributes.push(KeyValue::new("tern.peer.identity", peer.to_string()));
+        }
+        (req.method().to_string(), attributes)
+    })
 }
 
 /// The client span of one upstream attempt; it writes `traceparent` into `headers`.
@@ -908,25 +908,23 @@ fn attempt_span(
     headers: &mut http::HeaderMap,
 ) -> AttemptSpan {
     use opentelemetry::KeyValue;
-    let addr = endpoint.state.addr;
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", method.to_string()),
-        KeyValue::new("server.address", addr.ip().to_string()),
-        KeyValue::new("server.port", i64::from(addr.port())),
-        KeyValue::new("tern.service", service.config.name.to_string()),
-        KeyValue::new("tern.endpoint", endpoint.state.addr.to_string()),
-    ];
-    if retries > 0 {
-        attributes.push(KeyValue::new(
-            "http.request.resend_count",
-            i64::from(retries),
-        ));
-    }
-    span.attempt(
-        format!("{method} {}", service.config.name),
-        attributes,
-        headers,
-    )
+    span.attempt(headers, || {
+        let addr = endpoint.state.addr;
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("server.address", addr.ip().to_string()),
+            KeyValue::new("server.port", i64::from(addr.port())),
+            KeyValue::new("tern.service", service.config.name.to_string()),
+            KeyValue::new("tern.endpoint", addr.to_string()),
+        ];
+        if retries > 0 {
+            attributes.push(KeyValue::new(
+                "http.request.resend_count",
+                i64::from(retries),
+            ));
+        }
+        (format!("{method} {}", service.config.name), attributes)
+    })
 }
 
 /// Small bodies of known length (and bodiless requests) can be read whole and replayed.

@@ -5,13 +5,16 @@
 //! reopened on SIGUSR1 (for logrotate's `create` mode).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
-use serde::Serialize;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+use crate::identity::SpiffeId;
 
 /// Records waiting for the writer; past this, new ones are dropped (and counted).
 pub const QUEUE: usize = 16 * 1024;
@@ -36,8 +39,7 @@ pub struct AccessLogConfig {
 }
 
 /// Why the proxy answered itself or a connection failed; empty when the upstream answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Flag {
     #[default]
     None,
@@ -73,50 +75,58 @@ impl Flag {
     }
 }
 
-/// One request or connection, as logged.
-#[derive(Debug, Clone, Serialize)]
+/// One request or connection, as logged. The data path fills it with cheap clones of what
+/// it already holds (shared strings, the request's own `Bytes`-backed URI parts, addresses):
+/// nothing is formatted until the writer renders it.
+#[derive(Debug, Clone)]
 pub struct Record {
     /// `http` or `tcp`.
     pub kind: &'static str,
-    #[serde(serialize_with = "rfc3339")]
     pub start_time: SystemTime,
-    pub duration_ms: f64,
-    pub listener: String,
-    pub client_ip: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub authority: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Duration,
+    pub listener: Arc<str>,
+    pub client_ip: IpAddr,
+    pub method: Option<http::Method>,
+    pub authority: Option<Authority>,
+    pub path: Option<http::uri::PathAndQuery>,
     pub protocol: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     pub response_flags: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_service: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_endpoint: Option<String>,
+    pub upstream_service: Option<Arc<str>>,
+    pub upstream_endpoint: Option<SocketAddr>,
     /// Request body bytes (HTTP: as declared or buffered; TCP: client to upstream).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_received: Option<u64>,
     pub bytes_sent: u64,
     pub retries: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_identity: Option<String>,
+    pub trace_id: Option<u128>,
+    pub peer_identity: Option<SpiffeId>,
+}
+
+/// Where a request's authority came from: the URI (HTTP/2, absolute form) or `Host`.
+#[derive(Debug, Clone)]
+pub enum Authority {
+    Uri(http::uri::Authority),
+    Host(http::HeaderValue),
+}
+
+impl Authority {
+    fn as_str(&self) -> &str {
+        match self {
+            Authority::Uri(a) => a.as_str(),
+            // A non-UTF-8 Host is logged empty rather than converted on every request.
+            Authority::Host(h) => h.to_str().unwrap_or(""),
+        }
+    }
 }
 
 impl Record {
-    pub fn new(kind: &'static str, listener: &str, client_ip: &str) -> Self {
+    pub fn new(kind: &'static str, listener: Arc<str>, client_ip: IpAddr) -> Self {
         Record {
             kind,
             start_time: SystemTime::now(),
-            duration_ms: 0.0,
-            listener: listener.to_string(),
-            client_ip: client_ip.to_string(),
+            duration: Duration::ZERO,
+            listener,
+            client_ip,
             method: None,
             authority: None,
             path: None,
@@ -134,16 +144,101 @@ impl Record {
     }
 
     pub fn set_duration(&mut self, d: Duration) {
-        self.duration_ms = d.as_secs_f64() * 1000.0;
+        self.duration = d;
+    }
+
+    fn duration_ms(&self) -> f64 {
+        self.duration.as_secs_f64() * 1000.0
+    }
+
+    /// One JSON object, written field by field into `out` (no intermediate value); optional
+    /// fields that are absent are left out.
+    pub fn write_json(&self, out: &mut String) {
+        out.push_str("{\"kind\":\"");
+        out.push_str(self.kind);
+        out.push_str("\",\"start_time\":\"");
+        write_rfc3339(self.start_time, out);
+        let _ = write!(out, "\",\"duration_ms\":{:.3}", self.duration_ms());
+        json_field(out, "listener", &self.listener);
+        let _ = write!(out, ",\"client_ip\":\"{}\"", self.client_ip);
+        if let Some(m) = &self.method {
+            json_field(out, "method", m.as_str());
+        }
+        if let Some(a) = &self.authority {
+            json_field(out, "authority", a.as_str());
+        }
+        if let Some(p) = &self.path {
+            json_field(out, "path", p.as_str());
+        }
+        if let Some(p) = self.protocol {
+            json_field(out, "protocol", p);
+        }
+        if let Some(s) = self.status {
+            let _ = write!(out, ",\"status\":{s}");
+        }
+        json_field(out, "response_flags", self.response_flags);
+        if let Some(s) = &self.upstream_service {
+            json_field(out, "upstream_service", s);
+        }
+        if let Some(e) = self.upstream_endpoint {
+            let _ = write!(out, ",\"upstream_endpoint\":\"{e}\"");
+        }
+        if let Some(b) = self.bytes_received {
+            let _ = write!(out, ",\"bytes_received\":{b}");
+        }
+        let _ = write!(
+            out,
+            ",\"bytes_sent\":{},\"retries\":{}",
+            self.bytes_sent, self.retries
+        );
+        if let Some(t) = self.trace_id {
+            let _ = write!(out, ",\"trace_id\":\"{t:032x}\"");
+        }
+        if let Some(p) = &self.peer_identity {
+            json_field(out, "peer_identity", p.as_str());
+        }
+        out.push('}');
     }
 }
 
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_rfc3339(*t))
+/// `,"name":"value"` with the value escaped as a JSON string.
+fn json_field(out: &mut String, name: &str, value: &str) {
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":\"");
+    json_escape(value, out);
+    out.push('"');
+}
+
+/// JSON string escaping: quotes, backslashes and control characters (paths and hosts are
+/// client-controlled; a line must stay one valid JSON object whatever they hold).
+fn json_escape(value: &str, out: &mut String) {
+    let mut rest = value;
+    while let Some(i) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+        out.push_str(&rest[..i]);
+        match rest.as_bytes()[i] {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            c => {
+                let _ = write!(out, "\\u{c:04x}");
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
 }
 
 /// `2026-11-24T23:30:05.123Z` (UTC, milliseconds), without a date-time dependency.
 pub fn format_rfc3339(t: SystemTime) -> String {
+    let mut out = String::with_capacity(24);
+    write_rfc3339(t, &mut out);
+    out
+}
+
+fn write_rfc3339(t: SystemTime, out: &mut String) {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -158,10 +253,11 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
+    let _ = write!(
+        out,
         "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
         since.subsec_millis()
-    )
+    );
 }
 
 /// A parsed text template: literal text and `%FIELD%` placeholders.
@@ -267,21 +363,23 @@ impl Template {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => match f {
-                    Field::StartTime => out.push_str(&format_rfc3339(r.start_time)),
+                    Field::StartTime => write_rfc3339(r.start_time, out),
                     Field::Duration => {
-                        let _ = write!(out, "{:.3}", r.duration_ms);
+                        let _ = write!(out, "{:.3}", r.duration_ms());
                     }
                     Field::Kind => out.push_str(r.kind),
                     Field::Listener => out.push_str(&r.listener),
-                    Field::ClientIp => out.push_str(&r.client_ip),
-                    Field::Method => opt(out, r.method.as_deref()),
-                    Field::Authority => opt(out, r.authority.as_deref()),
-                    Field::Path => opt(out, r.path.as_deref()),
+                    Field::ClientIp => {
+                        let _ = write!(out, "{}", r.client_ip);
+                    }
+                    Field::Method => opt(out, r.method.as_ref().map(|m| m.as_str())),
+                    Field::Authority => opt(out, r.authority.as_ref().map(|a| a.as_str())),
+                    Field::Path => opt(out, r.path.as_ref().map(|p| p.as_str())),
                     Field::Protocol => opt(out, r.protocol),
                     Field::Status => opt(out, r.status),
                     Field::Flags => out.push_str(r.response_flags),
                     Field::Service => opt(out, r.upstream_service.as_deref()),
-                    Field::Endpoint => opt(out, r.upstream_endpoint.as_deref()),
+                    Field::Endpoint => opt(out, r.upstream_endpoint),
                     Field::BytesReceived => opt(out, r.bytes_received),
                     Field::BytesSent => {
                         let _ = write!(out, "{}", r.bytes_sent);
@@ -289,8 +387,13 @@ impl Template {
                     Field::Retries => {
                         let _ = write!(out, "{}", r.retries);
                     }
-                    Field::TraceId => opt(out, r.trace_id.as_deref()),
-                    Field::PeerIdentity => opt(out, r.peer_identity.as_deref()),
+                    Field::TraceId => match r.trace_id {
+                        Some(t) => {
+                            let _ = write!(out, "{t:032x}");
+                        }
+                        None => out.push('-'),
+                    },
+                    Field::PeerIdentity => opt(out, r.peer_identity.as_ref().map(|p| p.as_str())),
                 },
             }
         }
@@ -298,17 +401,19 @@ impl Template {
 }
 
 impl LogFormat {
+    /// Appends one line, newline included.
+    pub fn render_into(&self, r: &Record, out: &mut String) {
+        match self {
+            LogFormat::Json => r.write_json(out),
+            LogFormat::Text(t) => t.render(r, out),
+        }
+        out.push('\n');
+    }
+
     /// One line, newline included.
     pub fn render(&self, r: &Record) -> String {
         let mut out = String::with_capacity(256);
-        match self {
-            LogFormat::Json => {
-                // Serializing plain fields cannot fail; an empty object marks it if it did.
-                out = serde_json::to_string(r).unwrap_or_else(|_| "{}".to_string());
-            }
-            LogFormat::Text(t) => t.render(r, &mut out),
-        }
-        out.push('\n');
+        self.render_into(r, &mut out);
         out
     }
 }
@@ -355,24 +460,32 @@ impl AccessLog {
     }
 }
 
-async fn open(path: &LogPath) -> std::io::Result<Box<dyn AsyncWrite + Unpin + Send>> {
+type Sink = Box<dyn std::io::Write + Send>;
+
+fn open(path: &LogPath) -> std::io::Result<Sink> {
     Ok(match path {
-        LogPath::Stdout => Box::new(tokio::io::stdout()),
+        LogPath::Stdout => Box::new(std::io::stdout()),
         LogPath::File(p) => Box::new(
-            tokio::fs::OpenOptions::new()
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(p)
-                .await?,
+                .open(p)?,
         ),
     })
 }
 
-/// Renders and writes records; batches what is queued into one write, flushes when the
-/// queue is momentarily empty, reopens the file on SIGUSR1.
+/// How long the writer lets records gather after the first one before it writes: one
+/// wake-up and one write per interval instead of one per request, and a line still shows
+/// within a few tens of milliseconds.
+const GATHER: Duration = Duration::from_millis(20);
+/// Lines per write at most; a fuller queue is written in several batches without waiting.
+const BATCH_LINES: u64 = 4096;
+
+/// Renders and writes records in batches on the blocking pool (a slow disk or a stdout pipe
+/// that is not read must not stall a runtime thread); reopens the file on SIGUSR1.
 async fn writer(config: AccessLogConfig, mut rx: mpsc::Receiver<Record>, counters: LogCounters) {
-    let mut out = match open(&config.path).await {
-        Ok(out) => out,
+    let mut out = match open(&config.path) {
+        Ok(out) => Some(out),
         Err(e) => {
             tracing::error!(path = ?config.path, error = %e, "cannot open the access log; records are dropped");
             while rx.recv().await.is_some() {
@@ -387,7 +500,8 @@ async fn writer(config: AccessLogConfig, mut rx: mpsc::Receiver<Record>, counter
         }
         LogPath::Stdout => None,
     };
-    let mut batch = String::new();
+    let mut batch = String::with_capacity(64 * 1024);
+    let mut backlog = false;
     loop {
         let record = tokio::select! {
             record = rx.recv() => record,
@@ -397,10 +511,9 @@ async fn writer(config: AccessLogConfig, mut rx: mpsc::Receiver<Record>, counter
                     None => std::future::pending().await,
                 }
             } => {
-                let _ = out.flush().await;
-                match open(&config.path).await {
+                match open(&config.path) {
                     Ok(new) => {
-                        out = new;
+                        out = Some(new);
                         tracing::info!(path = ?config.path, "access log reopened");
                     }
                     Err(e) => tracing::warn!(path = ?config.path, error = %e, "access log reopen failed; keeping the old file"),
@@ -409,26 +522,63 @@ async fn writer(config: AccessLogConfig, mut rx: mpsc::Receiver<Record>, counter
             }
         };
         let Some(record) = record else { break };
+        if !backlog {
+            tokio::time::sleep(GATHER).await;
+        }
         batch.clear();
-        batch.push_str(&config.format.render(&record));
+        config.format.render_into(&record, &mut batch);
         let mut lines = 1;
-        while lines < 256
+        while lines < BATCH_LINES
             && let Ok(more) = rx.try_recv()
         {
-            batch.push_str(&config.format.render(&more));
+            config.format.render_into(&more, &mut batch);
             lines += 1;
         }
-        if let Err(e) = out.write_all(batch.as_bytes()).await {
-            tracing::warn!(error = %e, "access log write failed");
-            counters.dropped.inc_by(lines);
-            continue;
+        backlog = lines == BATCH_LINES;
+        let Some(sink) = out.take() else { break };
+        let (sink, text, written) = write_blocking(sink, batch).await;
+        batch = text;
+        match written {
+            Ok(()) => {
+                counters.written.inc_by(lines);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "access log write failed");
+                counters.dropped.inc_by(lines);
+            }
         }
-        counters.written.inc_by(lines);
-        if rx.is_empty() {
-            let _ = out.flush().await;
+        match sink {
+            Some(sink) => out = Some(sink),
+            None => {
+                tracing::error!("the access log writer thread failed; records are dropped");
+                break;
+            }
         }
     }
-    let _ = out.flush().await;
+    while rx.recv().await.is_some() {
+        counters.dropped.inc();
+    }
+}
+
+/// Writes and flushes `text` on the blocking pool; hands back the sink (unless the blocking
+/// task itself failed) and the buffer for reuse.
+async fn write_blocking(
+    mut sink: Sink,
+    text: String,
+) -> (Option<Sink>, String, std::io::Result<()>) {
+    let done = tokio::task::spawn_blocking(move || {
+        let r = sink.write_all(text.as_bytes()).and_then(|()| sink.flush());
+        (sink, text, r)
+    })
+    .await;
+    match done {
+        Ok((sink, text, r)) => (Some(sink), text, r),
+        Err(e) => (
+            None,
+            String::new(),
+            Err(std::io::Error::other(e.to_string())),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -436,18 +586,43 @@ mod tests {
     use super::*;
 
     fn record() -> Record {
-        let mut r = Record::new("http", "web", "10.0.0.7");
+        let mut r = Record::new("http", "web".into(), "10.0.0.7".parse().unwrap());
         r.start_time = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_027_005_123);
         r.set_duration(Duration::from_micros(1500));
-        r.method = Some("GET".into());
-        r.authority = Some("api.local".into());
-        r.path = Some("/v1/x".into());
+        r.method = Some(http::Method::GET);
+        r.authority = Some(Authority::Uri("api.local".parse().unwrap()));
+        r.path = Some("/v1/x".parse().unwrap());
         r.protocol = Some("HTTP/1.1");
         r.status = Some(503);
         r.response_flags = Flag::UpstreamConnectFailure.as_str();
         r.upstream_service = Some("api".into());
         r.retries = 2;
         r
+    }
+
+    #[test]
+    fn json_escapes_what_clients_control() {
+        let mut r = record();
+        r.authority = Some(Authority::Host(http::HeaderValue::from_static(
+            "a\"b\\c\td",
+        )));
+        r.peer_identity = Some("spiffe://td/ns/a/sa/b".parse().unwrap());
+        r.trace_id = Some(0x4bf92f3577b34da6a3ce929d0e0e4736);
+        r.upstream_endpoint = Some("127.0.0.1:9".parse().unwrap());
+        let mut line = String::new();
+        r.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["authority"], "a\"b\\c\td");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["peer_identity"], "spiffe://td/ns/a/sa/b");
+        assert_eq!(v["upstream_endpoint"], "127.0.0.1:9");
+        assert_eq!(v["client_ip"], "10.0.0.7");
+        let mut s = String::new();
+        json_escape("\u{1}x\ny\u{7f}é", &mut s);
+        assert_eq!(
+            serde_json::from_str::<String>(&format!("\"{s}\"")).unwrap(),
+            "\u{1}x\ny\u{7f}é"
+        );
     }
 
     #[test]

@@ -78,9 +78,8 @@ impl Tracing {
             tracing::info_span!("otlp_export"),
         ));
         let provider = SdkTracerProvider::builder()
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                config.sample_ratio,
-            ))))
+            // Sampling is decided before a span reaches the SDK (`server_span`).
+            .with_sampler(Sampler::AlwaysOn)
             .with_span_processor(QueueProcessor {
                 tx,
                 dropped: counters.dropped,
@@ -100,16 +99,37 @@ impl Tracing {
     }
 
     /// Starts the server span of a request, as a child of the incoming trace context.
+    ///
+    /// Sampling is decided here, before the SDK is touched: the parent's flag when the
+    /// request carries a context, else one draw against the ratio. An unsampled request
+    /// gets no SDK span and no attributes (`describe` is not called), only a context that
+    /// travels upstream with the sampled flag off, so the trace id still joins the hops.
     pub fn server_span(
         self: &Arc<Self>,
         headers: &HeaderMap,
-        attributes: Vec<KeyValue>,
-        name: String,
+        describe: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> ServerSpan {
-        let parent = match incoming_context(headers) {
+        let parent = incoming_context(headers);
+        let sampled = match &parent {
+            Some(p) => p.is_sampled(),
+            None => sample_root(self.config.sample_ratio, fastrand::f64()),
+        };
+        if !sampled {
+            let (trace_id, state) = match parent {
+                Some(p) => (p.trace_id(), p.trace_state().clone()),
+                None => (new_trace_id(), TraceState::default()),
+            };
+            let sc = SpanContext::new(trace_id, new_span_id(), TraceFlags::default(), false, state);
+            return ServerSpan {
+                tracing: Arc::clone(self),
+                kind: Sampling::Unsampled(sc),
+            };
+        }
+        let parent = match parent {
             Some(remote) => Context::new().with_remote_span_context(remote),
             None => Context::new(),
         };
+        let (name, attributes) = describe();
         let span = self
             .tracer
             .span_builder(name)
@@ -118,49 +138,91 @@ impl Tracing {
             .start_with_context(&self.tracer, &parent);
         ServerSpan {
             tracing: Arc::clone(self),
-            cx: parent.with_span(span),
+            kind: Sampling::Recording(parent.with_span(span)),
         }
     }
+}
+
+/// A root is sampled when a uniform draw in [0, 1) falls under the ratio.
+fn sample_root(ratio: f64, draw: f64) -> bool {
+    draw < ratio
+}
+
+fn new_trace_id() -> TraceId {
+    // Zero is the invalid id; one draw in 2^128 is not worth a loop, but it costs nothing.
+    TraceId::from(fastrand::u128(1..))
+}
+
+fn new_span_id() -> SpanId {
+    SpanId::from(fastrand::u64(1..))
 }
 
 /// A request's server span; attempts are its children.
 #[derive(Debug)]
 pub struct ServerSpan {
     tracing: Arc<Tracing>,
-    cx: Context,
+    kind: Sampling,
+}
+
+#[derive(Debug)]
+enum Sampling {
+    /// Sampled: an SDK span that is exported when it ends.
+    Recording(Context),
+    /// Not sampled: only the context that is propagated.
+    Unsampled(SpanContext),
 }
 
 impl ServerSpan {
-    pub fn trace_id(&self) -> Option<String> {
-        let sc = self.cx.span().span_context().clone();
-        sc.is_valid().then(|| sc.trace_id().to_string())
+    pub fn trace_id(&self) -> TraceId {
+        match &self.kind {
+            Sampling::Recording(cx) => cx.span().span_context().trace_id(),
+            Sampling::Unsampled(sc) => sc.trace_id(),
+        }
+    }
+
+    pub fn is_recording(&self) -> bool {
+        matches!(self.kind, Sampling::Recording(_))
     }
 
     /// A client span for one upstream attempt; its context goes upstream in `traceparent`.
+    /// `describe` (name and attributes) is only called for a recording span.
     pub fn attempt(
         &self,
-        name: String,
-        attributes: Vec<KeyValue>,
         headers: &mut HeaderMap,
+        describe: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> AttemptSpan {
-        let span = self
-            .tracing
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracing.tracer, &self.cx);
-        inject(span.span_context(), headers);
-        AttemptSpan { span }
+        match &self.kind {
+            Sampling::Unsampled(sc) => {
+                inject(sc, headers);
+                AttemptSpan { span: None }
+            }
+            Sampling::Recording(cx) => {
+                let (name, attributes) = describe();
+                let span = self
+                    .tracing
+                    .tracer
+                    .span_builder(name)
+                    .with_kind(SpanKind::Client)
+                    .with_attributes(attributes)
+                    .start_with_context(&self.tracing.tracer, cx);
+                inject(span.span_context(), headers);
+                AttemptSpan { span: Some(span) }
+            }
+        }
     }
 
     pub fn set_attribute(&self, kv: KeyValue) {
-        self.cx.span().set_attribute(kv);
+        if let Sampling::Recording(cx) = &self.kind {
+            cx.span().set_attribute(kv);
+        }
     }
 
     /// Ends the span with the response status (5xx and the proxy's own failures are errors).
     pub fn end(self, status: u16, outcome: &str) {
-        let span = self.cx.span();
+        let Sampling::Recording(cx) = self.kind else {
+            return;
+        };
+        let span = cx.span();
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
@@ -176,28 +238,28 @@ impl ServerSpan {
     }
 }
 
-/// One upstream attempt's client span.
+/// One upstream attempt's client span (`None` when the request is not sampled).
 #[derive(Debug)]
 pub struct AttemptSpan {
-    span: opentelemetry_sdk::trace::Span,
+    span: Option<opentelemetry_sdk::trace::Span>,
 }
 
 impl AttemptSpan {
-    pub fn end(mut self, status: Option<u16>, error: Option<&str>) {
+    pub fn end(self, status: Option<u16>, error: Option<&str>) {
+        let Some(mut span) = self.span else {
+            return;
+        };
         if let Some(s) = status {
-            self.span
-                .set_attribute(KeyValue::new("http.response.status_code", i64::from(s)));
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(s)));
             if s >= 500 {
-                self.span
-                    .set_attribute(KeyValue::new("error.type", s.to_string()));
+                span.set_attribute(KeyValue::new("error.type", s.to_string()));
             }
         }
         if let Some(e) = error {
-            self.span
-                .set_attribute(KeyValue::new("error.type", e.to_string()));
-            self.span.set_status(Status::error(e.to_string()));
+            span.set_attribute(KeyValue::new("error.type", e.to_string()));
+            span.set_status(Status::error(e.to_string()));
         }
-        self.span.end();
+        span.end();
     }
 }
 
