@@ -301,6 +301,7 @@ async fn serve_connection(
         Kind::Tcp => crate::detect::DEFAULT_DETECT_TIMEOUT,
     };
     let metrics = &listener.metrics;
+    let gateway_free = gateway.is_none();
     let arrived = match gateway {
         // A gateway: TLS for outside clients, no peer identity.
         Some(gateway) => {
@@ -341,6 +342,9 @@ async fn serve_connection(
             return;
         }
     };
+    // Who calls is worth a series only where identity exists: listeners with mTLS on.
+    let peer_metrics = (gateway_free && mtls.mode != crate::config::MtlsMode::Disabled)
+        .then(|| metrics.peer(peer.as_ref()));
     let denied = mtls
         .authorization
         .as_ref()
@@ -355,7 +359,8 @@ async fn serve_connection(
                 retired.clone(),
                 Arc::clone(&shared.memory),
             )
-            .with_peer(peer, denied, mtls.peer_identity_header.as_ref()),
+            .with_peer(peer, denied, mtls.peer_identity_header.as_ref())
+            .with_peer_metrics(peer_metrics.clone()),
         )
     };
     // A denied TCP connection is closed; a denied HTTP one gets a 403 per request (the

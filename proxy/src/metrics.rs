@@ -78,6 +78,22 @@ pub struct AuthzLabels {
     pub reason: &'static str,
 }
 
+/// Inbound traffic on a listener with mTLS on, by who called: the SPIFFE ID the client
+/// proved, or `unauthenticated` (plaintext on a permissive port). The values are bounded by
+/// the identities the mesh's CA issues, not by anything a client can make up.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub listener: String,
+    pub client_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerClassLabels {
+    pub listener: String,
+    pub client_id: String,
+    pub status_class: StatusClass,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsLabels {
     pub listener: String,
@@ -162,6 +178,8 @@ pub struct Metrics {
     faults: Family<FaultLabels, Counter>,
     authz_denied: Family<AuthzLabels, Counter>,
     tls_accepts: Family<TlsLabels, Counter>,
+    peer_requests: Family<PeerClassLabels, Counter>,
+    peer_connections: Family<PeerLabels, Counter>,
     /// The workload certificate's renewals, failures and expiry.
     pub identity: crate::identity::IdentityCounters,
     /// Gateway certificate reloads by listener and result.
@@ -208,11 +226,49 @@ pub struct ListenerMetrics {
     pub authz_denied: [Counter; 2],
     /// Inbound mTLS handshakes: [completed, failed].
     pub tls_accepts: [Counter; 2],
+    peer_requests: Family<PeerClassLabels, Counter>,
+    peer_connections: Family<PeerLabels, Counter>,
 }
+
+/// One inbound connection's counters by its caller, looked up once when the connection
+/// arrives (not per request).
+#[derive(Debug, Clone)]
+pub struct PeerMetrics {
+    requests: [Counter; 5],
+}
+
+impl PeerMetrics {
+    pub fn count_status(&self, status: http::StatusCode) {
+        self.requests[class_index(status)].inc();
+    }
+}
+
+/// The `client_id` label of a caller without a SPIFFE ID; cannot collide with one.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 impl ListenerMetrics {
     pub fn count_status(&self, status: http::StatusCode) {
         self.requests[class_index(status)].inc();
+    }
+
+    /// Counts a connection from `peer` (`None`: plaintext) and returns its request counters.
+    pub fn peer(&self, peer: Option<&crate::identity::SpiffeId>) -> PeerMetrics {
+        let client_id = peer.map_or(UNAUTHENTICATED, |p| p.as_str()).to_string();
+        self.peer_connections
+            .get_or_create(&PeerLabels {
+                listener: self.name.clone(),
+                client_id: client_id.clone(),
+            })
+            .inc();
+        PeerMetrics {
+            requests: CLASSES.map(|status_class| {
+                self.peer_requests.get_or_create_owned(&PeerClassLabels {
+                    listener: self.name.clone(),
+                    client_id: client_id.clone(),
+                    status_class,
+                })
+            }),
+        }
     }
 
     /// Off the fast path: only refused or faulted requests get here.
@@ -364,6 +420,8 @@ impl Metrics {
             faults: Family::default(),
             authz_denied: Family::default(),
             tls_accepts: Family::default(),
+            peer_requests: Family::default(),
+            peer_connections: Family::default(),
             identity,
             gateway_reloads: Family::default(),
             listener_overflow: Family::default(),
@@ -458,6 +516,17 @@ impl Metrics {
             "tls_inbound_handshakes",
             "Inbound mTLS handshakes by listener and result (ok, failed)",
             m.tls_accepts.clone(),
+        );
+        r.register(
+            "inbound_peer_connections",
+            "Connections accepted on listeners with mTLS on, by listener and client_id (the \
+             caller's SPIFFE ID, or unauthenticated for plaintext on a permissive port)",
+            m.peer_connections.clone(),
+        );
+        r.register(
+            "inbound_peer_requests",
+            "HTTP requests answered on listeners with mTLS on, by listener, client_id and status class",
+            m.peer_requests.clone(),
         );
         r.register(
             "tls_gateway_certificate_reloads",
@@ -604,6 +673,8 @@ impl Metrics {
                     result,
                 })
             }),
+            peer_requests: self.peer_requests.clone(),
+            peer_connections: self.peer_connections.clone(),
         }
     }
 

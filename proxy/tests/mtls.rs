@@ -209,6 +209,14 @@ async fn two_sidecars_speak_mtls_and_the_server_decides_who_may_call() {
         metrics.contains(r#"tern_tls_inbound_handshakes_total{listener="inbound",result="ok"} 1"#),
         "20 requests share one multiplexed mTLS connection:\n{metrics}"
     );
+    // Who called, by the identity the client proved.
+    let by_peer = format!(
+        r#"tern_inbound_peer_requests_total{{listener="inbound",client_id="{WEB}",status_class="2xx"}} 20"#
+    );
+    assert!(metrics.contains(&by_peer), "{by_peer}:\n{metrics}");
+    let conns =
+        format!(r#"tern_inbound_peer_connections_total{{listener="inbound",client_id="{WEB}"}} 1"#);
+    assert!(metrics.contains(&conns), "{conns}:\n{metrics}");
     assert!(
         server
             .metric("tern_identity_certificate_renewals_total")
@@ -275,6 +283,16 @@ async fn two_sidecars_speak_mtls_and_the_server_decides_who_may_call() {
     );
     assert!(
         metrics.contains(r#"tern_authz_denied_total{listener="inbound",reason="no_identity"} 1"#),
+        "{metrics}"
+    );
+    let denied = format!(
+        r#"tern_inbound_peer_requests_total{{listener="inbound",client_id="{INTRUDER}",status_class="4xx"}} 1"#
+    );
+    assert!(metrics.contains(&denied), "{denied}:\n{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            r#"tern_inbound_peer_connections_total{{listener="inbound-tcp",client_id="{WEB}"}} 1"#
+        )),
         "{metrics}"
     );
 

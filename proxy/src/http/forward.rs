@@ -24,6 +24,7 @@ use super::upgrade::{UpgradeKind, keep_upgrade_headers, tunnel};
 use crate::authz::Deny;
 use crate::config::UpstreamProtocol;
 use crate::identity::SpiffeId;
+use crate::metrics::{ListenerMetrics, PeerMetrics};
 use crate::overload::MemoryGuard;
 use crate::resilience::breaker::{Limit, Permit};
 use crate::resilience::outlier::Observation;
@@ -54,6 +55,8 @@ pub struct ConnContext {
     /// The header that tells the app who called (`peer_identity_header`), with the value
     /// for this connection; whatever the client sent under that name is removed.
     pub peer_header: Option<(HeaderName, Option<HeaderValue>)>,
+    /// Requests by caller, on listeners with mTLS on.
+    pub peer_metrics: Option<PeerMetrics>,
 }
 
 impl ConnContext {
@@ -78,6 +81,20 @@ impl ConnContext {
             peer: None,
             denied: None,
             peer_header: None,
+            peer_metrics: None,
+        }
+    }
+
+    pub fn with_peer_metrics(mut self, metrics: Option<PeerMetrics>) -> Self {
+        self.peer_metrics = metrics;
+        self
+    }
+
+    /// Counts an answered request on the listener and, with mTLS on, by its caller.
+    fn count_status(&self, listener: &ListenerMetrics, status: StatusCode) {
+        listener.count_status(status);
+        if let Some(peer) = &self.peer_metrics {
+            peer.count_status(status);
         }
     }
 
@@ -221,7 +238,7 @@ pub async fn handle(
         let refused = Refusal::new(StatusCode::FORBIDDEN, deny.explain(ctx.peer.as_ref()))
             .with_flag(Flag::Denied);
         let response = refused.answer(slot, span, start);
-        listener.metrics.count_status(response.status());
+        ctx.count_status(&listener.metrics, response.status());
         return Ok(response);
     }
     // Shed before anything is read or allocated for the request: the point is to stop growing.
@@ -244,7 +261,7 @@ pub async fn handle(
             Err(refused) => refused.answer(slot, span, start),
         }
     };
-    listener.metrics.count_status(response.status());
+    ctx.count_status(&listener.metrics, response.status());
     Ok(response)
 }
 
