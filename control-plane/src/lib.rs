@@ -10,6 +10,7 @@ pub mod admin;
 pub mod ads;
 pub mod ca;
 pub mod cache;
+pub mod inject;
 pub mod kubernetes;
 pub mod metrics;
 pub mod model;
