@@ -31,6 +31,8 @@ mod clusters;
 mod endpoints;
 mod listener;
 mod routes;
+mod tracing;
+mod traffic;
 
 pub(super) fn socket(ip: &str, port: u32) -> Address {
     Address {
