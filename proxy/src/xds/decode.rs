@@ -598,6 +598,7 @@ fn vhost_routes(
     vhost_field: &str,
 ) -> Result<Vec<RawRoute>, InvalidResource> {
     let mut out = Vec::with_capacity(vhost.routes.len());
+    let vhost_policy = traffic::vhost_policy(vhost, vhost_field, &|f, r| at.err(f, r))?;
     for (r, route) in vhost.routes.iter().enumerate() {
         let field = format!("{vhost_field}.routes[{r}]");
         let m = route
@@ -713,10 +714,9 @@ fn vhost_routes(
         };
         let (rate_limit, fault) = traffic::route_policy(
             &route.typed_per_filter_config,
-            &vhost.typed_per_filter_config,
+            &vhost_policy,
             route.metadata.as_ref(),
             &field,
-            vhost_field,
             &|f, r| at.err(f, r),
         )?;
         out.push(RawRoute {

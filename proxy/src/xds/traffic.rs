@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 
 use envoy_types::pb::envoy::config::core::v3::{Metadata, RuntimeFractionalPercent};
-use envoy_types::pb::envoy::config::route::v3::{FilterConfig, HeaderMatcher, header_matcher};
+use envoy_types::pb::envoy::config::route::v3::{
+    FilterConfig, HeaderMatcher, VirtualHost, header_matcher,
+};
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{HttpFault, fault_abort};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
@@ -137,33 +139,76 @@ pub(super) fn http_filters(
     Ok(out)
 }
 
+/// A virtual host's own policy configs, which its routes without their own inherit.
+pub(super) struct VhostPolicy(Found);
+
+/// Reads a virtual host's policy. Envoy makes one bucket of each config, so a virtual host's
+/// bucket is shared by every route that inherits it; Tern keeps a bucket per route, so that
+/// sharing is refused (one inheriting route is the same thing).
+pub(super) fn vhost_policy(
+    vhost: &VirtualHost,
+    vhost_field: &str,
+    err: Err<'_>,
+) -> Result<VhostPolicy, InvalidResource> {
+    let found = per_filter(&vhost.typed_per_filter_config, vhost_field, err)?;
+    if let Some(Entry::Config(at, l)) = &found.rate_limit
+        && l.token_bucket.is_some()
+    {
+        let mut inheriting = 0;
+        for (r, route) in vhost.routes.iter().enumerate() {
+            let own = per_filter(
+                &route.typed_per_filter_config,
+                &format!("{vhost_field}.routes[{r}]"),
+                err,
+            )?;
+            inheriting += usize::from(own.rate_limit.is_none());
+        }
+        if inheriting > 1 {
+            return Err(err(
+                at.clone(),
+                format!(
+                    "one bucket shared by {inheriting} routes is not supported (Tern keeps a \
+                     bucket per route); configure the routes' own buckets"
+                ),
+            ));
+        }
+    }
+    Ok(VhostPolicy(found))
+}
+
 /// A route's rate limit and fault, from its own per-filter config, else its virtual host's.
+/// Tern limits before it injects faults whatever the order of the filters; the order matters
+/// only to a request that is both limited and aborted.
 pub(super) fn route_policy(
     route: &HashMap<String, Any>,
-    vhost: &HashMap<String, Any>,
+    vhost: &VhostPolicy,
     metadata: Option<&Metadata>,
     field: &str,
-    vhost_field: &str,
     err: Err<'_>,
 ) -> Result<(Option<RawRateLimit>, Option<RawFault>), InvalidResource> {
     let here = per_filter(route, field, err)?;
-    let above = per_filter(vhost, vhost_field, err)?;
-    let rate_limit = match here.rate_limit.or(above.rate_limit) {
-        Some((at, l)) => rate_limit(&l, metadata, &at, field, err)?,
-        None => None,
+    let rate_limit = match here.rate_limit.as_ref().or(vhost.0.rate_limit.as_ref()) {
+        Some(Entry::Config(at, l)) => rate_limit(l, metadata, at, field, err)?,
+        Some(Entry::Disabled) | None => None,
     };
-    let fault = match here.fault.or(above.fault) {
-        Some((at, f)) => fault(&f, &at, err)?,
-        None => None,
+    let fault = match here.fault.as_ref().or(vhost.0.fault.as_ref()) {
+        Some(Entry::Config(at, f)) => fault(f, at, err)?,
+        Some(Entry::Disabled) | None => None,
     };
     Ok((rate_limit, fault))
 }
 
-/// The policy configs at one level, each with the field it was found at.
+/// The policy configs at one level.
 #[derive(Default)]
 struct Found {
-    rate_limit: Option<(String, LocalRateLimit)>,
-    fault: Option<(String, HttpFault)>,
+    rate_limit: Option<Entry<LocalRateLimit>>,
+    fault: Option<Entry<HttpFault>>,
+}
+
+/// A config, with the field it was found at; or the filter turned off at this level.
+enum Entry<T> {
+    Config(String, T),
+    Disabled,
 }
 
 fn per_filter(
@@ -177,29 +222,43 @@ fn per_filter(
     entries.sort_by(|a, b| a.0.cmp(b.0));
     for (name, any) in entries {
         let at = format!("{field}.typed_per_filter_config[{name}]");
-        // A `FilterConfig` wraps the config to mark it optional or disabled.
-        let (any, at) = if is::<FilterConfig>(any) {
+        // A `FilterConfig` wraps the config to mark it optional, or turns the filter off for
+        // this route or virtual host (then the config, if any, says which filter).
+        let (any, at, disabled) = if is::<FilterConfig>(any) {
             let wrapper: FilterConfig = decode(any, &at, err)?;
-            if wrapper.disabled {
-                continue;
-            }
             match wrapper.config {
-                Some(inner) => (std::borrow::Cow::Owned(inner), format!("{at}.config")),
+                Some(inner) => (inner, format!("{at}.config"), wrapper.disabled),
+                None if wrapper.disabled => {
+                    match name.as_str() {
+                        LOCAL_RATELIMIT => found.rate_limit = Some(Entry::Disabled),
+                        FAULT => found.fault = Some(Entry::Disabled),
+                        _ => {}
+                    }
+                    continue;
+                }
                 None => continue,
             }
         } else {
-            (std::borrow::Cow::Borrowed(any), at)
+            (any.clone(), at, false)
         };
         if is::<LocalRateLimit>(&any) {
             if found.rate_limit.is_some() {
                 return Err(err(at, "a second local rate limit config".into()));
             }
-            found.rate_limit = Some((at.clone(), decode(&any, &at, err)?));
+            found.rate_limit = Some(if disabled {
+                Entry::Disabled
+            } else {
+                Entry::Config(at.clone(), decode(&any, &at, err)?)
+            });
         } else if is::<HttpFault>(&any) {
             if found.fault.is_some() {
                 return Err(err(at, "a second fault config".into()));
             }
-            found.fault = Some((at.clone(), decode(&any, &at, err)?));
+            found.fault = Some(if disabled {
+                Entry::Disabled
+            } else {
+                Entry::Config(at.clone(), decode(&any, &at, err)?)
+            });
         }
         // Configs for other filters: the connection manager refuses those filters unless
         // they are optional, and optional ones Tern skips.

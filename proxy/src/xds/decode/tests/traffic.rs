@@ -365,7 +365,7 @@ fn a_virtual_host_config_applies_to_routes_without_their_own() {
         .insert(RL.into(), pack_any(limit(9, 9, 1, 0)));
     vh.typed_per_filter_config
         .insert(FAULT.into(), pack_any(abort(503, hundred(50))));
-    let routes = XdsRoutes::try_from(&route_config("rc", vec![vh]))
+    let routes = XdsRoutes::try_from(&route_config("rc", vec![vh.clone()]))
         .unwrap()
         .routes;
     assert_eq!(routes[0].rate_limit.as_ref().unwrap().burst, Some(3));
@@ -392,6 +392,38 @@ fn a_virtual_host_config_applies_to_routes_without_their_own() {
             .status,
         500
     );
+
+    // A route turns an inherited filter off with a disabled FilterConfig.
+    let off = FilterConfig {
+        disabled: true,
+        ..Default::default()
+    };
+    vh.routes[1]
+        .typed_per_filter_config
+        .insert(RL.into(), pack_any(off));
+    let routes = XdsRoutes::try_from(&route_config("rc", vec![vh]))
+        .unwrap()
+        .routes;
+    assert_eq!(routes[1].rate_limit, None);
+}
+
+#[test]
+fn a_virtual_host_bucket_shared_by_several_routes_is_refused() {
+    // Envoy makes one bucket of the virtual host's config for all its routes; Tern's are per
+    // route, so two inheriting routes would get twice the requests through.
+    let mut vh = vhost(
+        "all",
+        &["*"],
+        vec![route_to("/a", "api"), route_to("/", "api")],
+    );
+    vh.typed_per_filter_config
+        .insert(RL.into(), pack_any(limit(9, 9, 1, 0)));
+    let e = refused(XdsRoutes::try_from(&route_config("rc", vec![vh])));
+    assert_eq!(
+        e.field,
+        format!("virtual_hosts[0].typed_per_filter_config[{RL}]")
+    );
+    assert!(e.reason.contains("shared by 2 routes"), "{e}");
 }
 
 #[test]
