@@ -39,8 +39,6 @@ use envoy_types::pb::google::protobuf::{self as pbuf, Any};
 use prost::{Message, Name};
 
 use super::policy::{self, duration_text};
-#[cfg(test)]
-use super::traffic::ROUTER;
 use super::traffic::{self, PolicyFilters};
 use crate::config::{
     RawBackend, RawCircuitBreaker, RawEndpoint, RawHealthCheck, RawLoadBalancer, RawMatch,

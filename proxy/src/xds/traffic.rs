@@ -1,8 +1,8 @@
 //! Envoy's local rate limit and fault filters read back into Tern's model (with `tracer.rs`,
-//! the inverse of the control plane's `traffic.rs`). A route's policy is
-//! its own `typed_per_filter_config`, else its virtual host's, found by type; the rate limit's
-//! key comes from the route's Tern metadata (`rate_limit_key`; absent, one bucket, as in
-//! Envoy). What Tern cannot honour is refused with the field named.
+//! the inverse of the control plane's `traffic.rs`). A route's policy is its own
+//! `typed_per_filter_config`, else its virtual host's, found by type; the rate limit's key
+//! comes from the route's Tern metadata (`rate_limit_key`; absent, one bucket, as in Envoy).
+//! What Tern cannot honour is refused with the field named.
 
 use std::collections::HashMap;
 

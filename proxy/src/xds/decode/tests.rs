@@ -25,6 +25,7 @@ use envoy_types::util::pack_any;
 
 use super::*;
 use crate::config::{Config, RawConfig};
+use crate::xds::traffic::ROUTER;
 
 mod assemble;
 mod clusters;
