@@ -2,7 +2,7 @@
 //! Envoy xDS v3 resources and streams them to proxies over ADS.
 //!
 //! Layout: `model` merges and validates the sources and publishes snapshots (`cache`) built by
-//! `resources`; `ads` serves them, one task per stream; `admin` and `metrics` show what
+//! `resources` (with `resilience`, `traffic` and `packing`); `ads` serves them, one task per stream; `admin` and `metrics` show what
 //! happens; `kubernetes` watches Services and EndpointSlices; `ca` is the mesh's certificate
 //! authority.
 
@@ -15,8 +15,10 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod model;
 pub mod nodes;
+pub mod packing;
 pub mod resilience;
 pub mod resources;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -4,19 +4,18 @@
 //! equivalent (Envoy's budget counts concurrent retries), so it travels in the route's
 //! `metadata.filter_metadata["tern"]`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, OutlierDetection, circuit_breakers,
 };
-use envoy_types::pb::envoy::config::core::v3::{HealthCheck, Metadata, health_check};
+use envoy_types::pb::envoy::config::core::v3::{HealthCheck, health_check};
 use envoy_types::pb::envoy::config::route::v3::{RetryPolicy as PbRetryPolicy, retry_policy};
 use envoy_types::pb::envoy::r#type::v3::Int64Range;
 use envoy_types::pb::google::protobuf::{self as pbuf, UInt32Value};
 use tern_proxy::config::{BreakerConfig, HealthCheckConfig, OutlierConfig, ProbeKind, RetryPolicy};
 
-use crate::resources::{TERN_METADATA, duration};
+use crate::resources::duration;
 
 /// Envoy's route timeout defaults to 15 s when unset; Tern's means "no limit", which Envoy
 /// spells as zero.
@@ -43,25 +42,18 @@ pub fn retry_policy(p: &RetryPolicy) -> PbRetryPolicy {
     }
 }
 
+/// The `tern` metadata field holding a route's retry budget.
+pub const RETRY_BUDGET: &str = "retry_budget";
+
 /// The route's retry budget, for Tern proxies: `tern: { retry_budget: [ratio, min_per_second] }`.
-/// One field holding a list, because a `Struct` with several fields is a map that encodes in
-/// random order, and equal routes must encode to equal bytes (their content hash).
-pub fn budget_metadata(p: &RetryPolicy) -> Metadata {
-    let list = pbuf::Value {
+pub fn budget(p: &RetryPolicy) -> pbuf::Value {
+    pbuf::Value {
         kind: Some(pbuf::value::Kind::ListValue(pbuf::ListValue {
             values: vec![
                 number(p.budget.ratio),
                 number(f64::from(p.budget.min_per_second)),
             ],
         })),
-    };
-    let mut fields = HashMap::new();
-    fields.insert("retry_budget".to_string(), list);
-    let mut filter_metadata = HashMap::new();
-    filter_metadata.insert(TERN_METADATA.to_string(), pbuf::Struct { fields });
-    Metadata {
-        filter_metadata,
-        ..Default::default()
     }
 }
 

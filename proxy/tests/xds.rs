@@ -1,6 +1,6 @@
 //! The proxy following a real control plane over ADS (both in this process, on real sockets):
 //! endpoint changes and control plane restarts under load, with zero failed requests, in both
-//! protocol variants.
+//! protocol variants; per-route rate limits and faults, and tracing, carried over xDS.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -58,9 +58,13 @@ async fn start_cp(file: &std::path::Path, xds: SocketAddr) -> Running {
 
 impl Mesh {
     async fn start(tag: &str, protocol: XdsProtocol, endpoints: &[(SocketAddr, u32)]) -> Mesh {
+        Mesh::start_yaml(tag, protocol, &mesh_yaml(endpoints)).await
+    }
+
+    async fn start_yaml(tag: &str, protocol: XdsProtocol, yaml: &str) -> Mesh {
         let dir = TempDir::new(tag);
         let file = dir.0.join("mesh.yaml");
-        std::fs::write(&file, mesh_yaml(endpoints)).unwrap();
+        std::fs::write(&file, yaml).unwrap();
         let cp = start_cp(&file, "127.0.0.1:0".parse().unwrap()).await;
         let xds = cp.xds_address;
         let app = App::new();
@@ -359,6 +363,85 @@ async fn an_invalid_mesh_edit_is_refused_by_the_control_plane_and_traffic_contin
         metrics.contains("tern_xds_model_updates_total{outcome=\"invalid\"} 1"),
         "{metrics}"
     );
+}
+
+/// The mesh file's rate limit, fault and tracing reach the proxy as Envoy filters and are
+/// enforced: the burst, then 429 with retry-after; the configured abort status.
+async fn traffic_policy_over_xds(protocol: XdsProtocol, tag: &str) {
+    let a = Upstream::start("a").await;
+    let yaml = format!(
+        r#"
+telemetry:
+  tracing: {{ otlp_endpoint: "http://127.0.0.1:9", sample_ratio: 0.5, service_name: {tag} }}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - match: {{ path_prefix: /limited }}
+        backends: [ {{ service: api }} ]
+        rate_limit: {{ requests_per_second: 0.2, burst: 2, key: none }}
+      - match: {{ path_prefix: /broken }}
+        backends: [ {{ service: api }} ]
+        fault: {{ abort: {{ percent: 100, status: 418 }} }}
+      - match: {{ path_prefix: /chaos }}
+        backends: [ {{ service: api }} ]
+        fault: {{ abort: {{ percent: 100, status: 503 }}, header: x-chaos }}
+      - backends: [ {{ service: api }} ]
+services:
+  - name: api
+    protocol: http1
+    endpoints: [ {{ address: "{}" }} ]
+"#,
+        a.addr
+    );
+    let mesh = Mesh::start_yaml(tag, protocol, &yaml).await;
+    let client = http1_client();
+    for _ in 0..2 {
+        assert_eq!(
+            get(&client, mesh.web(), "x", "/limited", &[]).await.status,
+            200
+        );
+    }
+    let limited = get(&client, mesh.web(), "x", "/limited", &[]).await;
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    let wait: u64 = limited.header("retry-after").parse().unwrap();
+    assert!((1..=5).contains(&wait), "retry-after {wait}");
+    // Other routes have no bucket.
+    assert_eq!(get(&client, mesh.web(), "x", "/", &[]).await.status, 200);
+
+    let hits = a.hits();
+    assert_eq!(
+        get(&client, mesh.web(), "x", "/broken", &[]).await.status,
+        418
+    );
+    assert_eq!(
+        get(&client, mesh.web(), "x", "/chaos", &[]).await.status,
+        200
+    );
+    let chaos = get(&client, mesh.web(), "x", "/chaos", &[("x-chaos", "1")]).await;
+    assert_eq!(chaos.status, 503);
+    assert_eq!(
+        a.hits(),
+        hits + 1,
+        "aborted requests never reach the upstream"
+    );
+
+    let tracing = mesh.app.store().load().config.tracing.clone();
+    let tracing = tracing.expect("tracing from the connection manager");
+    assert_eq!(tracing.otlp_endpoint, "http://127.0.0.1:9");
+    assert_eq!(tracing.sample_ratio, 0.5);
+    assert_eq!(tracing.service_name, tag);
+}
+
+#[tokio::test]
+async fn sotw_rate_limit_fault_and_tracing_arrive_and_are_enforced() {
+    traffic_policy_over_xds(XdsProtocol::Sotw, "xds-traffic-sotw").await;
+}
+
+#[tokio::test]
+async fn delta_rate_limit_fault_and_tracing_arrive_and_are_enforced() {
+    traffic_policy_over_xds(XdsProtocol::Delta, "xds-traffic-delta").await;
 }
 
 async fn reqwest_metrics(cp: &Running) -> String {

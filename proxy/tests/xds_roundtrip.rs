@@ -173,13 +173,56 @@ services:
     endpoints: [ { address: 127.0.0.1:5432 } ]
 "#;
 
-fn fixtures() -> [(&'static str, &'static str); 5] {
+/// Per-route rate limits (every key kind, fractional and large rates, the default burst) and
+/// faults (fractional percents, a header condition), beside a retry budget on one route; an
+/// auto listener; tracing.
+const TRAFFIC: &str = r#"
+telemetry:
+  tracing: { otlp_endpoint: "http://127.0.0.1:4317", sample_ratio: 0.125, service_name: edge }
+listeners:
+  - name: web
+    address: 127.0.0.1:10080
+    protocol: http
+    routes:
+      - match: { path_prefix: /limited }
+        backends: [ { service: api } ]
+        rate_limit: { requests_per_second: 2.5, burst: 2, key: "header:x-user" }
+      - match: { path_prefix: /per-ip }
+        backends: [ { service: api } ]
+        rate_limit: { requests_per_second: 1000 }
+      - match: { path_prefix: /odd }
+        backends: [ { service: api } ]
+        rate_limit: { requests_per_second: 12.345, burst: 3, key: none }
+      - match: { path_prefix: /slow }
+        backends: [ { service: api } ]
+        rate_limit: { requests_per_second: 0.1, burst: 1, key: peer_identity }
+      - match: { path_prefix: /chaos }
+        backends: [ { service: api } ]
+        fault: { delay: { percent: 0.5, duration: 150ms }, abort: { percent: 12.25, status: 503 }, header: X-Chaos }
+      - backends: [ { service: api } ]
+        retry: { attempts: 2, budget: { ratio: 0.5, min_per_second: 3 } }
+        rate_limit: { requests_per_second: 10, burst: 20, key: client_ip }
+        fault: { abort: { percent: 100, status: 418 } }
+  - name: mixed
+    address: 127.0.0.1:10081
+    protocol: auto
+    service: db
+    routes:
+      - backends: [ { service: api } ]
+        fault: { delay: { percent: 33.3333, duration: 1s } }
+services:
+  - { name: api, protocol: http1, endpoints: [ { address: "127.0.0.1:9001" } ] }
+  - { name: db, protocol: tcp, endpoints: [ { address: "127.0.0.1:5432" } ] }
+"#;
+
+fn fixtures() -> [(&'static str, &'static str); 6] {
     [
         ("deploy/examples/static.yaml", STATIC),
         ("hosts", HOSTS),
         ("protocols", PROTOCOLS),
         ("minimal", MINIMAL),
         ("resilience", RESILIENCE),
+        ("traffic", TRAFFIC),
     ]
 }
 
@@ -479,6 +522,68 @@ fn the_details_that_travel_in_tern_metadata_and_protocol_options_arrive() {
     assert_eq!(listener("db").address.to_string(), "0.0.0.0:15432");
 }
 
+/// Rate limits, faults and tracing arrive as written: compared outright, not normalized.
+#[test]
+fn rate_limits_faults_and_tracing_arrive_as_written() {
+    use tern_proxy::traffic::fault::FaultConfig;
+    use tern_proxy::traffic::rate_limit::{RateKey, RateLimitConfig};
+
+    let original = parse_yaml(TRAFFIC).unwrap();
+    let decoded = round_trip(&original);
+    let routes = |config: &Config, listener: &str| -> Vec<Route> {
+        let l = config
+            .listeners
+            .iter()
+            .find(|l| &*l.name == listener)
+            .unwrap();
+        match &l.kind {
+            ListenerKind::Http { routes } | ListenerKind::Auto { routes, .. } => routes.clone(),
+            ListenerKind::Tcp { .. } => panic!("{listener} is HTTP"),
+        }
+    };
+    for listener in ["web", "mixed"] {
+        let policy = |c: &Config| -> Vec<(Option<RateLimitConfig>, Option<FaultConfig>)> {
+            routes(c, listener)
+                .into_iter()
+                .map(|r| (r.rate_limit, r.fault))
+                .collect()
+        };
+        assert_eq!(policy(&decoded), policy(&original), "{listener}");
+    }
+    let web = routes(&decoded, "web");
+    let limit = |i: usize| web[i].rate_limit.clone().unwrap();
+    assert_eq!(
+        limit(0),
+        RateLimitConfig {
+            requests_per_second: 2.5,
+            burst: 2,
+            key: RateKey::Header(HeaderName::from_static("x-user")),
+        }
+    );
+    assert_eq!(limit(1).burst, 1000, "the default burst travels explicitly");
+    assert_eq!(limit(1).key, RateKey::ClientIp, "the default key too");
+    assert_eq!(limit(2).requests_per_second, 12.345);
+    assert_eq!(limit(3).requests_per_second, 0.1);
+    assert_eq!(limit(3).key, RateKey::PeerIdentity);
+    let chaos = web[4].fault.clone().unwrap();
+    assert_eq!(
+        chaos.delay,
+        Some((0.5, std::time::Duration::from_millis(150)))
+    );
+    assert_eq!(chaos.abort, Some((12.25, 503)));
+    assert_eq!(chaos.header, Some(HeaderName::from_static("x-chaos")));
+    assert_eq!(web[5].retry.as_ref().unwrap().budget.ratio, 0.5);
+    let tracing = decoded.tracing.clone().expect("tracing travels");
+    assert_eq!(Some(&tracing), original.tracing.as_ref());
+    assert_eq!(tracing.otlp_endpoint, "http://127.0.0.1:4317");
+    assert_eq!(tracing.sample_ratio, 0.125);
+    assert_eq!(tracing.service_name, "edge");
+
+    // A mesh without tracing sends none, and the proxy keeps none.
+    let plain = round_trip(&parse_yaml(MINIMAL).unwrap());
+    assert!(plain.tracing.is_none());
+}
+
 #[test]
 fn each_http_service_gets_an_api_listener_unless_a_listener_has_its_name() {
     let config = parse_yaml(PROTOCOLS).unwrap();
@@ -502,12 +607,19 @@ fn each_http_service_gets_an_api_listener_unless_a_listener_has_its_name() {
 /// The control plane versions each resource by a hash of its bytes and pushes those whose
 /// version changed: publishing the same mesh again must keep every version, or unchanged
 /// resources are pushed to every proxy again. (A Cluster's metadata is a protobuf `Struct`,
-/// a `HashMap` that prost writes in iteration order, which differs between instances.)
+/// a `HashMap` that prost writes in iteration order, which differs between instances; so are
+/// a route's metadata and its `typed_per_filter_config`.)
 #[test]
 fn republishing_the_same_mesh_keeps_every_resource_version() {
+    for (name, yaml) in [("protocols", PROTOCOLS), ("traffic", TRAFFIC)] {
+        republish(name, yaml);
+    }
+}
+
+fn republish(fixture: &str, yaml: &str) {
     use tern_control_plane::cache::Resources;
 
-    let config = parse_yaml(PROTOCOLS).unwrap();
+    let config = parse_yaml(yaml).unwrap();
     let now = tokio::time::Instant::now();
     let mut previous = Resources::build(&config, 1, now, &Resources::empty());
     for version in 2..22 {
@@ -517,7 +629,7 @@ fn republishing_the_same_mesh_keeps_every_resource_version() {
                 assert_eq!(
                     next.of(kind)[name].version,
                     r.version,
-                    "{kind:?} {name:?} looks changed in version {version}"
+                    "{fixture}: {kind:?} {name:?} looks changed in version {version}"
                 );
             }
         }

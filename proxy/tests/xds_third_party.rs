@@ -727,3 +727,207 @@ async fn an_invalid_listener_is_nacked_even_while_it_waits() {
     assert_eq!(eds.error, None);
     traffic_to(web, 5, "b").await;
 }
+
+/// Policy as an Envoy-minded control plane writes it: the fault filter before the local rate
+/// limit, `HUNDRED` denominators, a bucket on the virtual host that one route opts out of with
+/// a disabled `FilterConfig`, a fault on that route. The proxy enforces both; a fault Tern
+/// cannot inject (chosen by a request header), a connection manager whose router is not last
+/// and a bucket two routes would share are NACKed with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_style_rate_limit_and_fault_filters_are_enforced() {
+    use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+    use envoy_types::pb::envoy::config::route::v3::{FilterConfig, RouteConfiguration};
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+        FaultAbort, HttpFault, fault_abort,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, HttpFilter, http_filter,
+    };
+    use envoy_types::pb::envoy::r#type::v3::{
+        FractionalPercent, TokenBucket, fractional_percent::DenominatorType,
+    };
+    use envoy_types::pb::google::protobuf::{self as pbuf, Any, UInt32Value};
+
+    let hundred = |numerator| FractionalPercent {
+        numerator,
+        denominator: DenominatorType::Hundred as i32,
+    };
+    let filter = |name: &str, config: Any| HttpFilter {
+        name: name.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    };
+    let with_filters = |order: &[&str]| {
+        let (name, any) = http_listener("web", "web-routes");
+        let mut l: Listener = prost::Message::decode(any.value.as_slice()).unwrap();
+        let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+            hcm_any,
+        )) = &mut l.filter_chains[0].filters[0].config_type
+        else {
+            unreachable!("the HCM")
+        };
+        let mut hcm: HttpConnectionManager =
+            prost::Message::decode(hcm_any.value.as_slice()).unwrap();
+        let router = hcm.http_filters.remove(0);
+        hcm.http_filters = order
+            .iter()
+            .map(|f| match *f {
+                "fault" => filter("envoy.filters.http.fault", pack_any(HttpFault::default())),
+                "ratelimit" => filter(
+                    "envoy.filters.http.local_ratelimit",
+                    pack_any(LocalRateLimit {
+                        stat_prefix: "http_local_rate_limiter".into(),
+                        ..Default::default()
+                    }),
+                ),
+                _ => router.clone(),
+            })
+            .collect();
+        *hcm_any = pack_any(hcm);
+        (name, pack_any(l))
+    };
+    let routes = |abort: fault_abort::ErrorType, broken_counts: bool| {
+        let (name, any) = route_config("web-routes", "api");
+        let mut rc: RouteConfiguration = prost::Message::decode(any.value.as_slice()).unwrap();
+        let vhost = &mut rc.virtual_hosts[0];
+        let mut broken = vhost.routes[0].clone();
+        broken.r#match.as_mut().unwrap().path_specifier = Some(
+            envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix(
+                "/broken".into(),
+            ),
+        );
+        broken.typed_per_filter_config.insert(
+            "envoy.filters.http.fault".into(),
+            pack_any(HttpFault {
+                abort: Some(FaultAbort {
+                    percentage: Some(hundred(100)),
+                    error_type: Some(abort),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+        if !broken_counts {
+            // Envoy's way to take one route out of the virtual host's filter.
+            broken.typed_per_filter_config.insert(
+                "envoy.filters.http.local_ratelimit".into(),
+                pack_any(FilterConfig {
+                    disabled: true,
+                    ..Default::default()
+                }),
+            );
+        }
+        vhost.routes.insert(0, broken);
+        let enabled = Some(RuntimeFractionalPercent {
+            default_value: Some(hundred(100)),
+            runtime_key: "local_rate_limit_enabled".into(),
+        });
+        vhost.typed_per_filter_config.insert(
+            "envoy.filters.http.local_ratelimit".into(),
+            pack_any(LocalRateLimit {
+                stat_prefix: "vhost".into(),
+                token_bucket: Some(TokenBucket {
+                    max_tokens: 3,
+                    tokens_per_fill: Some(UInt32Value { value: 3 }),
+                    fill_interval: Some(pbuf::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
+                }),
+                filter_enabled: enabled.clone(),
+                filter_enforced: enabled,
+                ..Default::default()
+            }),
+        );
+        (name, pack_any(rc))
+    };
+
+    let a = Upstream::start("a").await;
+    let mut server = Server::start().await;
+    let proxy = Proxy::follow(server.addr, XdsProtocol::Sotw);
+    let script = server.accept(XdsProtocol::Sotw).await;
+    bring_up(&script, &a).await;
+    let web = proxy.web().await;
+
+    let nonce = script
+        .push(
+            TypeKind::Listener,
+            "2",
+            vec![with_filters(&["fault", "ratelimit", "router"])],
+        )
+        .await;
+    assert_eq!(script.answer(TypeKind::Listener, &nonce).await.error, None);
+    let nonce = script
+        .push(
+            TypeKind::Route,
+            "2",
+            vec![routes(fault_abort::ErrorType::HttpStatus(503), false)],
+        )
+        .await;
+    assert_eq!(script.answer(TypeKind::Route, &nonce).await.error, None);
+
+    let client = http1_client();
+    let broken = get(&client, web, "svc.example", "/broken", &[]).await;
+    assert_eq!(broken.status, 503, "{}", broken.body);
+    // The virtual host's bucket, which /broken is out of.
+    traffic_to(web, 3, "a").await;
+    let limited = get(&client, web, "svc.example", "/hello", &[]).await;
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(!limited.header("retry-after").is_empty());
+
+    let nonce = script
+        .push(
+            TypeKind::Route,
+            "3",
+            vec![routes(
+                fault_abort::ErrorType::HeaderAbort(Default::default()),
+                false,
+            )],
+        )
+        .await;
+    let error = script
+        .answer(TypeKind::Route, &nonce)
+        .await
+        .error
+        .expect("a NACK");
+    assert!(
+        error.contains(
+            "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.fault].abort.header_abort"
+        ),
+        "{error}"
+    );
+    let nonce = script
+        .push(
+            TypeKind::Listener,
+            "3",
+            vec![with_filters(&["router", "fault"])],
+        )
+        .await;
+    let error = script
+        .answer(TypeKind::Listener, &nonce)
+        .await
+        .error
+        .expect("a NACK");
+    assert!(
+        error.contains("http_filters[0]") && error.contains("router must be the last"),
+        "{error}"
+    );
+    // A bucket both routes would share: Tern's buckets are per route.
+    let nonce = script
+        .push(
+            TypeKind::Route,
+            "4",
+            vec![routes(fault_abort::ErrorType::HttpStatus(503), true)],
+        )
+        .await;
+    let error = script
+        .answer(TypeKind::Route, &nonce)
+        .await
+        .error
+        .expect("a NACK");
+    assert!(error.contains("shared by 2 routes"), "{error}");
+    // All refused: the config in force still aborts /broken.
+    let broken = get(&client, web, "svc.example", "/broken", &[]).await;
+    assert_eq!(broken.status, 503);
+}

@@ -116,6 +116,16 @@ where
 
 /// One GET on a fresh connection, bounded by a 5 s timeout.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    let (status, _, body) = http_get_with(addr, path, &[]).await?;
+    Ok((status, body))
+}
+
+/// A GET with request headers, answering the response headers too.
+pub async fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, http::HeaderMap, Bytes)> {
     tokio::time::timeout(Duration::from_secs(5), async {
         let stream = TcpStream::connect(addr)
             .await
@@ -123,14 +133,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCod
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
-        let request = Request::get(path)
-            .header(http::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())?;
-        let response = sender.send_request(request).await?;
+        let mut request = Request::get(path).header(http::header::HOST, addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = sender
+            .send_request(request.body(Empty::<Bytes>::new())?)
+            .await?;
         let status = response.status();
+        let response_headers = response.headers().clone();
         let body = response.into_body().collect().await?.to_bytes();
         conn.abort();
-        Ok((status, body))
+        Ok((status, response_headers, body))
     })
     .await
     .with_context(|| format!("GET http://{addr}{path} timed out"))?

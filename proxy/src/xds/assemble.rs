@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::decode::{
     EndpointSource, RouteSource, XdsCluster, XdsEndpoints, XdsListener, XdsRoutes,
 };
+use super::traffic::PolicyFilters;
 use crate::config::{
     RawConfig, RawListener, RawListenerProtocol, RawRoute, RawService, RawServiceProtocol,
+    RawTelemetry, RawTracing,
 };
 
 /// Everything the proxy has accepted, by type and name.
@@ -32,6 +34,8 @@ pub struct Warm {
     /// New listeners not bound yet (waiting), with no routes: checked now (address, name) so
     /// that an invalid one is refused when it arrives, not when its routes do.
     pub pending: Vec<RawListener>,
+    /// What was taken one way where the resources say several (for the log).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +113,8 @@ impl XdsState {
                     request_header_timeout,
                     opaque,
                     mtls,
+                    filters,
+                    tracing: _,
                 } => {
                     let listener = |routes: Vec<RawRoute>| RawListener {
                         name: name.clone(),
@@ -117,7 +123,7 @@ impl XdsState {
                             Some(_) => RawListenerProtocol::Auto,
                             None => RawListenerProtocol::Http,
                         },
-                        routes,
+                        routes: routes.into_iter().map(|r| run_by(r, *filters)).collect(),
                         service: opaque.as_ref().map(|o| o.cluster.clone()),
                         request_header_timeout: request_header_timeout.clone(),
                         detect_timeout: opaque.as_ref().map(|o| o.detect_timeout.clone()),
@@ -271,19 +277,51 @@ impl XdsState {
         }
         warming.sort();
         warming.dedup();
+        let (tracing, warnings) = self.tracing();
         Warm {
             config: RawConfig {
                 admin: None,
                 drain_timeout: None,
                 opaque_ports: None,
-                telemetry: None,
+                telemetry: tracing.map(|t| {
+                    Box::new(RawTelemetry {
+                        access_log: None,
+                        tracing: Some(t),
+                    })
+                }),
                 memory_limit: None,
                 listeners,
                 services,
             },
             warming,
             pending,
+            warnings,
         }
+    }
+
+    /// A proxy has one trace exporter while each connection manager names a provider: the
+    /// first HTTP listener's, by name, is taken (a control plane sends them all the same).
+    fn tracing(&self) -> (Option<RawTracing>, Vec<String>) {
+        let mut http = self.listeners.values().filter_map(|l| match l {
+            XdsListener::Http { name, tracing, .. } => Some((name, tracing)),
+            _ => None,
+        });
+        let Some((first, chosen)) = http.next() else {
+            return (None, Vec::new());
+        };
+        let differ: Vec<&str> = http
+            .filter(|(_, t)| *t != chosen)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let warnings = if differ.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!(
+                "listeners {differ:?} name other tracing than listener {first:?}; the proxy \
+                 traces as {first:?} says"
+            )]
+        };
+        (chosen.clone(), warnings)
     }
 
     /// The first cluster `routes` name that is not warm yet.
@@ -310,4 +348,15 @@ impl XdsState {
             }
         }
     }
+}
+
+/// A route's policy takes effect only if its connection manager runs the filter.
+fn run_by(mut route: RawRoute, filters: PolicyFilters) -> RawRoute {
+    if !filters.rate_limit {
+        route.rate_limit = None;
+    }
+    if !filters.fault {
+        route.fault = None;
+    }
+    route
 }

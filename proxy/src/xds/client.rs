@@ -196,6 +196,10 @@ impl Follower {
             .await
             .map_err(|e| format!("cannot apply: {e}"))?;
         tracing::info!(version, "xDS config applied");
+        // Said once per change rather than on every update that leaves it so.
+        for warning in &warm.warnings {
+            tracing::warn!(%warning, "xDS resources disagree");
+        }
         self.applied = Some(raw);
         self.state = next;
         self.update_readiness(self.waiting.is_none());

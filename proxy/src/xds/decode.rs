@@ -3,8 +3,10 @@
 //! refuses something; that text becomes the NACK's `error_detail`.
 //!
 //! The subset: Listeners with one filter chain ending in an HTTP connection manager (routes by
-//! RDS or inline, router filter) or a TCP proxy; RouteConfigurations with prefix / exact path,
-//! exact header and domain matches and single or weighted clusters; EDS or STATIC clusters
+//! RDS or inline; local rate limit and fault filters before the router; an OpenTelemetry
+//! tracer) or a TCP proxy; RouteConfigurations with prefix / exact path, exact header and
+//! domain matches, single or weighted clusters and per-route rate limit and fault configs
+//! (`traffic.rs`, `tracer.rs`), retries and timeouts (`policy.rs`); EDS or STATIC clusters
 //! with round-robin or least-request balancing, HTTP/1 or HTTP/2 upstreams; endpoint
 //! addresses with weights. Fields that change what traffic does and that Tern cannot honour
 //! are refused; fields that only tune (stats prefixes, limits Tern sets itself) are ignored.
@@ -26,7 +28,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager, http_filter,
+    HttpConnectionManager, http_connection_manager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
@@ -37,15 +39,15 @@ use envoy_types::pb::google::protobuf::{self as pbuf, Any};
 use prost::{Message, Name};
 
 use super::policy::{self, duration_text};
-use crate::config::RawMtls;
+use super::traffic::{self, PolicyFilters};
 use crate::config::{
     RawBackend, RawCircuitBreaker, RawEndpoint, RawHealthCheck, RawLoadBalancer, RawMatch,
     RawOutlierDetection, RawRoute, RawServiceProtocol,
 };
+use crate::config::{RawMtls, RawTracing};
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
-const ROUTER: &str = "envoy.filters.http.router";
 const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// Weights above this are refused rather than silently scaled.
@@ -82,6 +84,10 @@ pub enum XdsListener {
         opaque: Option<OpaqueFallback>,
         /// Mesh mTLS and authorization (Tern metadata).
         mtls: Option<RawMtls>,
+        /// The policy filters its connection manager runs.
+        filters: PolicyFilters,
+        /// Its connection manager's tracing provider.
+        tracing: Option<RawTracing>,
     },
     Tcp {
         name: String,
@@ -242,16 +248,15 @@ impl TryFrom<&Listener> for XdsListener {
             ));
         }
         match terminal(chain, &at, "filter_chains[0]")? {
-            Terminal::Http {
-                routes,
-                request_header_timeout,
-            } => Ok(XdsListener::Http {
+            Terminal::Http(hcm) => Ok(XdsListener::Http {
                 name: l.name.clone(),
                 address,
-                routes,
-                request_header_timeout,
+                routes: hcm.routes,
+                request_header_timeout: hcm.request_header_timeout,
                 opaque: None,
                 mtls,
+                filters: hcm.filters,
+                tracing: hcm.tracing,
             }),
             Terminal::Tcp { cluster } => Ok(XdsListener::Tcp {
                 name: l.name.clone(),
@@ -265,13 +270,16 @@ impl TryFrom<&Listener> for XdsListener {
 
 /// What a filter chain ends in.
 enum Terminal {
-    Http {
-        routes: RouteSource,
-        request_header_timeout: Option<String>,
-    },
-    Tcp {
-        cluster: String,
-    },
+    Http(Hcm),
+    Tcp { cluster: String },
+}
+
+/// An HTTP connection manager, decoded.
+struct Hcm {
+    routes: RouteSource,
+    request_header_timeout: Option<String>,
+    filters: PolicyFilters,
+    tracing: Option<RawTracing>,
 }
 
 fn terminal(chain: &FilterChain, at: &At, field: &str) -> Result<Terminal, InvalidResource> {
@@ -299,11 +307,7 @@ fn terminal(chain: &FilterChain, at: &At, field: &str) -> Result<Terminal, Inval
     };
     if config.type_url == HttpConnectionManager::type_url() {
         let hcm: HttpConnectionManager = unpack(config, at, &field)?;
-        let (routes, request_header_timeout) = decode_hcm(&hcm, at, &field)?;
-        Ok(Terminal::Http {
-            routes,
-            request_header_timeout,
-        })
+        Ok(Terminal::Http(decode_hcm(&hcm, at, &field)?))
     } else if config.type_url == TcpProxy::type_url() {
         let tcp: TcpProxy = unpack(config, at, &field)?;
         let cluster = match tcp.cluster_specifier {
@@ -386,11 +390,7 @@ fn auto_listener(
     {
         return Err(at.err("default_filter_chain.filter_chain_match", "must be empty"));
     }
-    let Terminal::Http {
-        routes,
-        request_header_timeout,
-    } = terminal(chain, at, "filter_chains[0]")?
-    else {
+    let Terminal::Http(hcm) = terminal(chain, at, "filter_chains[0]")? else {
         return Err(at.err(
             "filter_chains[0].filters[0]",
             format!("the HTTP chain must end in {HCM}"),
@@ -411,36 +411,23 @@ fn auto_listener(
     Ok(XdsListener::Http {
         name: l.name.clone(),
         address,
-        routes,
-        request_header_timeout,
+        routes: hcm.routes,
+        request_header_timeout: hcm.request_header_timeout,
         opaque: Some(OpaqueFallback {
             cluster,
             detect_timeout,
         }),
         // Set by the caller, which read the listener's metadata.
         mtls: None,
+        filters: hcm.filters,
+        tracing: hcm.tracing,
     })
 }
 
-fn decode_hcm(
-    hcm: &HttpConnectionManager,
-    at: &At,
-    field: &str,
-) -> Result<(RouteSource, Option<String>), InvalidResource> {
-    for (i, f) in hcm.http_filters.iter().enumerate() {
-        let is_router = f.name == ROUTER
-            || matches!(&f.config_type, Some(http_filter::ConfigType::TypedConfig(c))
-                if c.type_url.ends_with("envoy.extensions.filters.http.router.v3.Router"));
-        if !is_router && !f.is_optional {
-            return Err(at.err(
-                format!("{field}.http_filters[{i}]"),
-                format!(
-                    "unsupported HTTP filter {:?} (mark it is_optional to let Tern skip it)",
-                    f.name
-                ),
-            ));
-        }
-    }
+fn decode_hcm(hcm: &HttpConnectionManager, at: &At, field: &str) -> Result<Hcm, InvalidResource> {
+    let err = |f, r| at.err(f, r);
+    let filters = traffic::http_filters(&hcm.http_filters, field, &err)?;
+    let tracing = super::tracer::provider(hcm.tracing.as_ref(), field, &err)?;
     let routes = match &hcm.route_specifier {
         Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
             if rds.route_config_name.is_empty() {
@@ -461,12 +448,17 @@ fn decode_hcm(
         }
         None => return Err(at.err(format!("{field}.route_specifier"), "missing")),
     };
-    let timeout = hcm
+    let request_header_timeout = hcm
         .request_headers_timeout
         .as_ref()
         .filter(|d| d.seconds > 0 || d.nanos > 0)
         .map(duration_text);
-    Ok((routes, timeout))
+    Ok(Hcm {
+        routes,
+        request_header_timeout,
+        filters,
+        tracing,
+    })
 }
 
 impl TryFrom<&RouteConfiguration> for XdsRoutes {
@@ -601,11 +593,12 @@ fn strip_port(domain: &str) -> &str {
 fn vhost_routes(
     vhost: &VirtualHost,
     at: &At,
-    field: &str,
+    vhost_field: &str,
 ) -> Result<Vec<RawRoute>, InvalidResource> {
     let mut out = Vec::with_capacity(vhost.routes.len());
+    let vhost_policy = traffic::vhost_policy(vhost, vhost_field, &|f, r| at.err(f, r))?;
     for (r, route) in vhost.routes.iter().enumerate() {
-        let field = format!("{field}.routes[{r}]");
+        let field = format!("{vhost_field}.routes[{r}]");
         let m = route
             .r#match
             .as_ref()
@@ -717,14 +710,20 @@ fn vhost_routes(
                 ));
             }
         };
+        let (rate_limit, fault) = traffic::route_policy(
+            &route.typed_per_filter_config,
+            &vhost_policy,
+            route.metadata.as_ref(),
+            &field,
+            &|f, r| at.err(f, r),
+        )?;
         out.push(RawRoute {
             matcher: (matcher != RawMatch::default()).then_some(matcher),
             backends,
             timeout,
             retry,
-            // Envoy's local_ratelimit and fault filters are not read yet.
-            rate_limit: None,
-            fault: None,
+            rate_limit,
+            fault,
         });
     }
     Ok(out)

@@ -7,9 +7,12 @@ mod client;
 pub mod decode;
 pub mod identity;
 mod policy;
+mod tracer;
+mod traffic;
 mod types;
 
 pub use assemble::{Assembly, Warm, XdsState};
 pub use backoff::Backoff;
 pub use client::{XdsOptions, XdsProtocol, run};
+pub use traffic::PolicyFilters;
 pub use types::TypeKind;

@@ -25,12 +25,15 @@ use envoy_types::util::pack_any;
 
 use super::*;
 use crate::config::{Config, RawConfig};
+use crate::xds::traffic::ROUTER;
 
 mod assemble;
 mod clusters;
 mod endpoints;
 mod listener;
 mod routes;
+mod tracing;
+mod traffic;
 
 pub(super) fn socket(ip: &str, port: u32) -> Address {
     Address {

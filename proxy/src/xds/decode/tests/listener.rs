@@ -46,6 +46,8 @@ fn http_listener_with_rds() {
             request_header_timeout: Some("5000ms".into()),
             opaque: None,
             mtls: None,
+            filters: PolicyFilters::default(),
+            tracing: None,
         }
     );
     assert_eq!(l.name(), "web");
