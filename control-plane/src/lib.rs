@@ -3,8 +3,8 @@
 //!
 //! Layout: `model` merges and validates the sources and publishes snapshots (`cache`) built by
 //! `resources`; `ads` serves them, one task per stream; `admin` and `metrics` show what
-//! happens; `kubernetes` watches Services and EndpointSlices; `ca` is the mesh's certificate
-//! authority.
+//! happens; `kubernetes` watches Services, EndpointSlices and Pods; `ca` is the mesh's
+//! certificate authority.
 
 pub mod admin;
 pub mod ads;
@@ -41,8 +41,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     pub xds_address: SocketAddr,
     pub admin_address: Option<SocketAddr>,
-    /// Watch this cluster's Services and EndpointSlices.
-    pub kubernetes: Option<kube::Client>,
+    /// Watch this cluster's Services, EndpointSlices and Pods.
+    pub kubernetes: Option<kubernetes::Source>,
     /// Time a change waits for more changes before a new version is published.
     pub debounce: Duration,
     /// How often the mesh file's metadata is checked.
@@ -103,13 +103,13 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         );
     }
     let wait_for_kubernetes = options.kubernetes.is_some();
-    if let Some(client) = options.kubernetes {
+    if let Some(source) = options.kubernetes {
         let stop = shutdown.clone();
         tracker.spawn(
             async move {
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    result = kubernetes::run(client, kube_tx) => {
+                    result = kubernetes::run(source, kube_tx) => {
                         if let Err(e) = result {
                             tracing::error!(error = %e, "Kubernetes watch failed; serving the last model");
                         }
