@@ -2,9 +2,10 @@
 //! Envoy xDS v3 resources and streams them to proxies over ADS.
 //!
 //! Layout: `model` merges and validates the sources and publishes snapshots (`cache`) built by
-//! `resources` (with `resilience`, `traffic` and `packing`); `ads` serves them, one task per stream; `admin` and `metrics` show what
-//! happens; `kubernetes` watches Services and EndpointSlices; `ca` is the mesh's certificate
-//! authority.
+//! `resources` (with `resilience`, `traffic` and `packing`); `ads` serves them, one task per
+//! stream; `admin` and `metrics` show what happens; `kubernetes` watches Services,
+//! EndpointSlices and Pods; `ca` is the mesh's certificate authority; `inject` adds the
+//! sidecar to manifests.
 
 pub mod admin;
 pub mod ads;
@@ -44,8 +45,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     pub xds_address: SocketAddr,
     pub admin_address: Option<SocketAddr>,
-    /// Watch this cluster's Services and EndpointSlices.
-    pub kubernetes: Option<kube::Client>,
+    /// Watch this cluster's Services, EndpointSlices and Pods.
+    pub kubernetes: Option<kubernetes::Source>,
     /// Time a change waits for more changes before a new version is published.
     pub debounce: Duration,
     /// How often the mesh file's metadata is checked.
@@ -106,13 +107,13 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
         );
     }
     let wait_for_kubernetes = options.kubernetes.is_some();
-    if let Some(client) = options.kubernetes {
+    if let Some(source) = options.kubernetes {
         let stop = shutdown.clone();
         tracker.spawn(
             async move {
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    result = kubernetes::run(client, kube_tx) => {
+                    result = kubernetes::run(source, kube_tx) => {
                         if let Err(e) = result {
                             tracing::error!(error = %e, "Kubernetes watch failed; serving the last model");
                         }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use tern_control_plane::ca::{CaOptions, RootSource};
-use tern_control_plane::{Options, start};
+use tern_control_plane::kubernetes::TrustDomain;
+use tern_control_plane::{Options, kubernetes, start};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,7 +21,8 @@ struct Args {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Also serve the Services and EndpointSlices of the Kubernetes cluster found by the
-    /// usual means (in-cluster service account, or KUBECONFIG).
+    /// usual means (in-cluster service account, or KUBECONFIG), with identities derived
+    /// from their Pods (in `--trust-domain`).
     #[arg(long)]
     kubernetes: bool,
     #[arg(long, default_value = "127.0.0.1:15010")]
@@ -45,7 +47,8 @@ struct Args {
     ca: bool,
     #[arg(long, default_value = "127.0.0.1:15012")]
     ca_address: SocketAddr,
-    /// The SPIFFE trust domain the CA issues identities in.
+    /// The SPIFFE trust domain the CA issues identities in, and the one `--kubernetes`
+    /// derives services' identities in.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// The root (or intermediate) certificate to sign with, PEM; with `--ca-key`. Without
@@ -94,6 +97,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let trust_domain = match args.trust_domain.parse::<TrustDomain>() {
+        Ok(domain) => domain,
+        Err(e) => {
+            eprintln!("tern-control-plane: --trust-domain: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if args.check {
         println!("valid");
         return ExitCode::SUCCESS;
@@ -108,7 +118,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, trust_domain)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tern-control-plane: {e:#}");
@@ -117,8 +127,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let kubernetes = if args.kubernetes {
+async fn run(args: Args, trust_domain: TrustDomain) -> anyhow::Result<()> {
+    let client = if args.kubernetes {
         Some(kube::Client::try_default().await?)
     } else {
         None
@@ -128,7 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(path) => tern_control_plane::ca::BootstrapTokens::read(path)?,
             None => Default::default(),
         };
-        let token_review = kubernetes
+        let token_review = client
             .clone()
             .map(|client| tern_control_plane::ca::TokenReviewer {
                 client,
@@ -157,7 +167,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config: args.config,
         xds_address: args.xds_address,
         admin_address: Some(args.admin_address),
-        kubernetes,
+        kubernetes: client.map(|client| kubernetes::Source {
+            client,
+            trust_domain,
+        }),
         debounce: args.debounce,
         watch_interval: args.watch_interval,
         ca,

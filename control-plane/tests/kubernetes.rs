@@ -1,5 +1,6 @@
 //! The Kubernetes source against a fake API server speaking the real list and watch protocol:
-//! initial lists, watch events, resumed watches and 410 Gone re-lists.
+//! initial lists, watch events, resumed watches and 410 Gone re-lists, and identities that
+//! follow the pods.
 
 mod k8s_support;
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail, ensure};
 use k8s_support::{FakeApiServer, Kind, WAIT};
 use serde_json::{Value, json};
-use tern_control_plane::kubernetes::run;
+use tern_control_plane::kubernetes::{Source as KubernetesSource, run};
 use tern_proxy::config::{RawEndpoint, RawLoadBalancer, RawService, RawServiceProtocol};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -31,7 +32,11 @@ impl Source {
         let config = kube::Config::new(server.url().parse()?);
         let client = kube::Client::try_from(config)?;
         let (tx, out) = watch::channel(None);
-        let task = tokio::spawn(run(client, tx));
+        let source = KubernetesSource {
+            client,
+            trust_domain: "cluster.local".parse()?,
+        };
+        let task = tokio::spawn(run(source, tx));
         Ok(Source { out, task })
     }
 
@@ -95,6 +100,33 @@ fn endpoint(ip: &str, ready: bool) -> Value {
     })
 }
 
+/// The pod behind `endpoint(ip, ..)`; `sidecar` gives it a native `tern-proxy` sidecar as in
+/// deploy/kubernetes/sidecar-example.yaml.
+fn pod(ip: &str, account: &str, sidecar: bool) -> Value {
+    let init = if sidecar {
+        json!([{ "name": "tern-proxy", "image": "tern", "restartPolicy": "Always" }])
+    } else {
+        json!([])
+    };
+    json!({
+        "metadata": { "namespace": "shop", "name": format!("pod-{ip}"), "uid": format!("uid-{ip}") },
+        "spec": {
+            "serviceAccountName": account,
+            "initContainers": init,
+            "containers": [{ "name": "app", "image": "app" }],
+        },
+        "status": { "phase": "Running", "podIP": ip },
+    })
+}
+
+/// Pods without the sidecar behind every address the tests below use, so that they are
+/// served in plaintext as before the mesh derived identities.
+fn apply_plain_pods(server: &FakeApiServer, ips: &[&str]) {
+    for ip in ips {
+        server.apply(Kind::Pods, pod(ip, "default", false));
+    }
+}
+
 fn web_service() -> Value {
     service(
         "shop",
@@ -155,6 +187,10 @@ async fn server_with_web() -> anyhow::Result<FakeApiServer> {
         Kind::EndpointSlices,
         web_slice(&[("10.0.0.1", true), ("10.0.0.2", true)]),
     );
+    apply_plain_pods(
+        &server,
+        &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"],
+    );
     Ok(server)
 }
 
@@ -163,7 +199,7 @@ fn count(server: &FakeApiServer, matches: impl Fn(&k8s_support::Recorded) -> boo
 }
 
 #[tokio::test]
-async fn initial_lists_are_served_once_both_are_complete() -> anyhow::Result<()> {
+async fn initial_lists_are_served_once_all_are_complete() -> anyhow::Result<()> {
     let server = server_with_web().await?;
     // A gRPC service whose named target port differs between two slices.
     server.apply(
@@ -194,7 +230,9 @@ async fn initial_lists_are_served_once_both_are_complete() -> anyhow::Result<()>
             json!([endpoint("10.0.1.3", true)]),
         ),
     );
+    apply_plain_pods(&server, &["10.0.1.1", "10.0.1.2", "10.0.1.3"]);
     server.hold_lists(Kind::EndpointSlices);
+    server.hold_lists(Kind::Pods);
 
     let mut source = Source::start(&server)?;
     // The Service watch starts only after the Service list was taken in whole.
@@ -214,6 +252,17 @@ async fn initial_lists_are_served_once_both_are_complete() -> anyhow::Result<()>
     );
 
     server.release_lists(Kind::EndpointSlices);
+    server
+        .wait_for_request(0, "a Pod list", |r| r.is_list(Kind::Pods))
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ensure!(
+        source.out.borrow().is_none(),
+        "published before the Pod list was complete: {:?}",
+        *source.out.borrow()
+    );
+
+    server.release_lists(Kind::Pods);
     source
         .wait_for(&[
             mesh(
@@ -402,6 +451,92 @@ async fn an_expired_version_relists_and_converges() -> anyhow::Result<()> {
     ensure!(
         count(&server, |r| r.is_list(Kind::Services)) == 1,
         "only the expired kind is re-listed: {:#?}",
+        server.requests()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn meshed_pods_give_their_service_an_identity_that_follows_the_pods() -> anyhow::Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(Kind::Services, web_service());
+    server.apply(
+        Kind::EndpointSlices,
+        web_slice(&[("10.0.0.1", true), ("10.0.0.2", true)]),
+    );
+    server.apply(Kind::Pods, pod("10.0.0.1", "web", true));
+    server.apply(Kind::Pods, pod("10.0.0.2", "web", true));
+    let as_account = |account: &str, endpoints: &[&str]| {
+        let mut service = web(endpoints);
+        service.identity = Some(format!("spiffe://cluster.local/ns/shop/sa/{account}"));
+        service
+    };
+
+    let mut source = Source::start(&server)?;
+    source
+        .wait_for(&[as_account("web", &["10.0.0.1:8080", "10.0.0.2:8080"])])
+        .await?;
+    let pod_watch = server
+        .wait_for_request(0, "a Pod watch", |r| r.is_watch_of(Kind::Pods))
+        .await?;
+    ensure!(
+        pod_watch
+            .query
+            .get("fieldSelector")
+            .is_some_and(|s| s.contains("status.phase")),
+        "finished pods should be left out: {pod_watch:?}"
+    );
+
+    // A rollout to another service account: one of two moved is a tie, which the ID that
+    // sorts first wins, and the moved pod is withheld rather than spoken to as the other.
+    server.apply(Kind::Pods, pod("10.0.0.2", "web-v2", true));
+    source
+        .wait_for(&[as_account("web", &["10.0.0.1:8080"])])
+        .await?;
+    server.apply(Kind::Pods, pod("10.0.0.1", "web-v2", true));
+    source
+        .wait_for(&[as_account("web-v2", &["10.0.0.1:8080", "10.0.0.2:8080"])])
+        .await?;
+
+    // An endpoint whose pod has not been seen waits for it. (The weight shows that the
+    // slice was taken in.)
+    let mut grown = web_slice(&[("10.0.0.1", true), ("10.0.0.2", true), ("10.0.0.3", true)]);
+    grown["metadata"]["annotations"] = json!({ "tern.dev/weight": "5" });
+    server.apply(Kind::EndpointSlices, grown);
+    let weighted = |mut service: RawService| {
+        for endpoint in &mut service.endpoints {
+            endpoint.weight = Some(5);
+        }
+        service
+    };
+    source
+        .wait_for(&[weighted(as_account(
+            "web-v2",
+            &["10.0.0.1:8080", "10.0.0.2:8080"],
+        ))])
+        .await?;
+    server.apply(Kind::Pods, pod("10.0.0.3", "web-v2", true));
+    source
+        .wait_for(&[weighted(as_account(
+            "web-v2",
+            &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"],
+        ))])
+        .await?;
+
+    // The sidecar removed everywhere (and a pod deleted): plaintext, as without a mesh.
+    server.delete(Kind::Pods, "shop", "pod-10.0.0.3")?;
+    server.apply(
+        Kind::EndpointSlices,
+        web_slice(&[("10.0.0.1", true), ("10.0.0.2", true)]),
+    );
+    server.apply(Kind::Pods, pod("10.0.0.1", "web-v2", false));
+    server.apply(Kind::Pods, pod("10.0.0.2", "web-v2", false));
+    source
+        .wait_for(&[web(&["10.0.0.1:8080", "10.0.0.2:8080"])])
+        .await?;
+    ensure!(
+        count(&server, |r| r.is_list(Kind::Pods)) == 1,
+        "{:#?}",
         server.requests()
     );
     Ok(())

@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 
 use tern_proxy::config::{RawLoadBalancer, parse_duration};
+use tern_proxy::identity::SpiffeId;
+
+use super::identity::{Override, TrustDomain};
 
 /// On an EndpointSlice: the weight of each of its endpoints.
 pub const WEIGHT: &str = "tern.dev/weight";
@@ -12,6 +15,13 @@ pub const LOAD_BALANCER: &str = "tern.dev/load-balancer";
 pub const CONNECT_TIMEOUT: &str = "tern.dev/connect-timeout";
 /// On a Service: the upstream idle timeout of each of its ports.
 pub const IDLE_TIMEOUT: &str = "tern.dev/idle-timeout";
+
+/// On a Service: the identity its endpoints present (a service account of the Service's
+/// namespace, a full SPIFFE ID, or `none` for plaintext), instead of the derived one.
+pub const IDENTITY: &str = "tern.dev/identity";
+
+/// The longest Kubernetes object name (a DNS subdomain).
+const MAX_NAME: usize = 253;
 
 /// The proxy rejects heavier weights; checking here keeps one bad slice from failing the
 /// whole snapshot later.
@@ -63,6 +73,41 @@ pub fn duration(key: &'static str, value: &str) -> Result<String, InvalidAnnotat
     }
 }
 
+/// A `tern.dev/identity` value on a Service in `namespace`.
+pub fn identity(
+    value: &str,
+    namespace: &str,
+    trust_domain: &TrustDomain,
+) -> Result<Override, InvalidAnnotation> {
+    let value = value.trim();
+    if value == "none" {
+        return Ok(Override::Plaintext);
+    }
+    if value.starts_with("spiffe://") {
+        return value
+            .parse::<SpiffeId>()
+            .map(Override::Identity)
+            .map_err(|e| invalid(IDENTITY, value, &e.to_string()));
+    }
+    let expected = "expected a service account name, a spiffe:// ID or none";
+    // Service account names are DNS subdomains; checking that here keeps a typo such as
+    // "Web" from becoming an identity no certificate carries.
+    let is_name = !value.is_empty()
+        && value.len() <= MAX_NAME
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !is_name {
+        return Err(invalid(IDENTITY, value, expected));
+    }
+    trust_domain
+        .service_account(namespace, value)
+        .map(Override::Identity)
+        .ok_or_else(|| invalid(IDENTITY, value, expected))
+}
+
 fn invalid(key: &'static str, value: &str, reason: &str) -> InvalidAnnotation {
     InvalidAnnotation {
         key,
@@ -101,6 +146,38 @@ mod tests {
             err.to_string(),
             "annotation tern.dev/load-balancer=\"random\" ignored: \
              expected round_robin, least_request or peak_ewma"
+        );
+    }
+
+    #[test]
+    fn identities_are_a_service_account_a_spiffe_id_or_none() {
+        let td: TrustDomain = "cluster.local".parse().expect("valid");
+        let id = |text: &str| Override::Identity(text.parse().expect("valid SPIFFE ID"));
+        assert_eq!(
+            identity(" web ", "shop", &td),
+            Ok(id("spiffe://cluster.local/ns/shop/sa/web"))
+        );
+        assert_eq!(
+            identity("spiffe://other.org/ns/x/sa/y", "shop", &td),
+            Ok(id("spiffe://other.org/ns/x/sa/y"))
+        );
+        assert_eq!(identity("none", "shop", &td), Ok(Override::Plaintext));
+        for bad in [
+            "",
+            "Web",
+            "web/x",
+            "-web",
+            "..",
+            "spiffe://",
+            "spiffe://a/b?c",
+        ] {
+            let err = identity(bad, "shop", &td).unwrap_err();
+            assert_eq!(err.key, IDENTITY, "{bad:?}");
+        }
+        assert_eq!(
+            identity("Web", "shop", &td).unwrap_err().to_string(),
+            "annotation tern.dev/identity=\"Web\" ignored: \
+             expected a service account name, a spiffe:// ID or none"
         );
     }
 

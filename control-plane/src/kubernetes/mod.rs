@@ -1,8 +1,10 @@
-//! The Kubernetes source: Services and EndpointSlices from every namespace, served as mesh services.
+//! The Kubernetes source: Services, EndpointSlices and Pods from every namespace, served as
+//! mesh services.
 //!
-//! [`run`] keeps two reflector caches (Services, EndpointSlices) fed by kube-runtime watchers,
-//! and after each change publishes [`services_from`] of their contents. The translation is
-//! pure and follows these rules:
+//! [`run`] keeps three reflector caches (Services, EndpointSlices, and Pods slimmed to their
+//! containers' names and service account) fed by kube-runtime watchers, and after each change
+//! publishes [`services_from`] of their contents. The translation is pure and follows these
+//! rules:
 //!
 //! **One mesh service per (Service, ServicePort)**, named `NAME.NAMESPACE.svc.cluster.local:PORT`
 //! where `PORT` is the ServicePort's `port` (what clients dial), not its `targetPort`. The
@@ -49,17 +51,27 @@
 //! 3. Unnamed and unrecognised ports are TCP: opaque forwarding is correct for every
 //!    protocol, while parsing a non-HTTP port as HTTP would break it.
 //!
+//! **Identity** (mTLS or plaintext, and which SPIFFE ID the endpoints must present) comes
+//! from the pods behind each port's ready endpoints: `identity.rs` has the rules. In short, pods running a `tern-proxy` container are meshed and present
+//! `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`; a port whose pods are meshed is
+//! spoken to over mTLS, and endpoints that could not answer that (unmeshed pods, other
+//! service accounts, pods not seen) are withheld, never spoken to in plaintext.
+//!
 //! **Service annotations** (all ports of the Service): `tern.dev/load-balancer` (`round_robin`,
 //! `least_request` or `peak_ewma`), `tern.dev/connect-timeout` and `tern.dev/idle-timeout`
-//! (durations such as `500ms` or `2s`).
+//! (durations such as `500ms` or `2s`), `tern.dev/identity` (a service account of the
+//! Service's namespace, a full `spiffe://` ID, or `none` for plaintext: replaces the derived
+//! identity and serves every ready endpoint).
 //!
 //! An invalid annotation or address never drops a Service: the value is ignored, the
 //! default applies, and [`run`] logs a warning once per distinct problem.
 
 mod annotations;
+mod identity;
 mod protocol;
 mod translate;
 mod watch;
 
+pub use identity::{InvalidTrustDomain, TrustDomain};
 pub use translate::services_from;
-pub use watch::run;
+pub use watch::{Source, run};

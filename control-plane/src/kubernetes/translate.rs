@@ -1,23 +1,32 @@
-//! Services plus EndpointSlices in, mesh services out: the pure half of the Kubernetes source.
+//! Services, EndpointSlices and Pods in, mesh services out: the pure half of the Kubernetes
+//! source.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use tern_proxy::config::{RawEndpoint, RawLoadBalancer, RawService};
+use tern_proxy::identity::SpiffeId;
 
 use super::annotations::{self, InvalidAnnotation};
+use super::identity::{self, Override, Pods, TrustDomain, Withheld, Workload};
 use super::protocol::protocol_of;
 
 /// Set by the EndpointSlice controller (and by hand on hand-made slices) to tie a slice to
 /// its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Pure: the mesh services these Kubernetes objects describe, sorted by name.
-pub fn services_from(services: &[Service], slices: &[EndpointSlice]) -> Vec<RawService> {
-    translate(services, slices).services
+/// Pure: the mesh services these Kubernetes objects describe, sorted by name; identities
+/// are formed in `trust_domain`.
+pub fn services_from(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    pods: &[Pod],
+    trust_domain: &TrustDomain,
+) -> Vec<RawService> {
+    translate(services, slices, pods, trust_domain).services
 }
 
 /// The mesh services, and what was ignored on the way.
@@ -42,6 +51,36 @@ pub(crate) enum Warning {
     InvalidAddress { slice: String, address: String },
     #[error("EndpointSlice {slice}: addressType {address_type:?} is not supported; slice skipped")]
     UnsupportedAddressType { slice: String, address_type: String },
+    #[error(
+        "Service {service} port {port}: {count} ready endpoint(s) run no Tern sidecar beside \
+         meshed ones; withheld, the others are spoken to over mTLS as {identity}"
+    )]
+    Unmeshed {
+        service: String,
+        port: u16,
+        count: usize,
+        identity: String,
+    },
+    #[error(
+        "Service {service} port {port}: {count} ready endpoint(s) run as another service \
+         account than most; withheld, the others are spoken to over mTLS as {identity} \
+         (annotation tern.dev/identity pins one)"
+    )]
+    OtherIdentity {
+        service: String,
+        port: u16,
+        count: usize,
+        identity: String,
+    },
+    #[error(
+        "Service {service} port {port}: {count} ready endpoint(s) belong to pods not seen; \
+         withheld until they are"
+    )]
+    PodsNotSeen {
+        service: String,
+        port: u16,
+        count: usize,
+    },
 }
 
 /// What one EndpointSlice contributes, worked out once and used for every port of its Service.
@@ -49,7 +88,7 @@ struct SliceView<'a> {
     name: &'a str,
     ports: &'a [EndpointPort],
     weight: Option<u32>,
-    ready: Vec<IpAddr>,
+    ready: Vec<(IpAddr, Workload)>,
 }
 
 /// Settings a Service's annotations give all of its ports.
@@ -57,17 +96,34 @@ struct PortSettings {
     load_balancer: RawLoadBalancer,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
+    identity: Option<Override>,
+}
+
+/// What the translation looks things up in.
+struct Context<'a> {
+    pods: Pods<'a>,
+    trust_domain: &'a TrustDomain,
 }
 
 /// [`services_from`] plus warnings, over anything that borrows as the API types so the
 /// watcher can pass its cached `Arc`s without cloning every object.
-pub(crate) fn translate<S, E>(services: &[S], slices: &[E]) -> Translation
+pub(crate) fn translate<S, E, P>(
+    services: &[S],
+    slices: &[E],
+    pods: &[P],
+    trust_domain: &TrustDomain,
+) -> Translation
 where
     S: Borrow<Service>,
     E: Borrow<EndpointSlice>,
+    P: Borrow<Pod>,
 {
     let mut warnings = Vec::new();
-    let slices_of = group_slices(slices, &mut warnings);
+    let context = Context {
+        pods: identity::index_pods(pods),
+        trust_domain,
+    };
+    let slices_of = group_slices(slices, &context, &mut warnings);
     let mut out = Vec::new();
     for service in services {
         let service = service.borrow();
@@ -80,7 +136,15 @@ where
         let slices = slices_of
             .get(&(namespace, name))
             .map_or(&[][..], Vec::as_slice);
-        add_service(service, name, namespace, slices, &mut out, &mut warnings);
+        add_service(
+            service,
+            name,
+            namespace,
+            slices,
+            &context,
+            &mut out,
+            &mut warnings,
+        );
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     // Two ServicePorts with one number and protocol are rejected by the API server; if it
@@ -98,6 +162,7 @@ where
 /// the first slice decides a duplicated endpoint's weight whatever order the cache gave.
 fn group_slices<'a, E: Borrow<EndpointSlice>>(
     slices: &'a [E],
+    context: &Context,
     warnings: &mut Vec<Warning>,
 ) -> HashMap<(&'a str, &'a str), Vec<SliceView<'a>>> {
     let mut by_service: HashMap<(&str, &str), Vec<SliceView>> = HashMap::new();
@@ -111,7 +176,7 @@ fn group_slices<'a, E: Borrow<EndpointSlice>>(
         ) else {
             continue;
         };
-        if let Some(view) = view_slice(slice, name, namespace, warnings) {
+        if let Some(view) = view_slice(slice, name, namespace, context, warnings) {
             by_service
                 .entry((namespace, service.as_str()))
                 .or_default()
@@ -128,6 +193,7 @@ fn view_slice<'a>(
     slice: &'a EndpointSlice,
     name: &'a str,
     namespace: &str,
+    context: &Context,
     warnings: &mut Vec<Warning>,
 ) -> Option<SliceView<'a>> {
     let qualified = || format!("{namespace}/{name}");
@@ -164,7 +230,10 @@ fn view_slice<'a>(
             continue;
         };
         match address.parse::<IpAddr>() {
-            Ok(ip) => ready.push(ip),
+            Ok(ip) => ready.push((
+                ip,
+                identity::workload_of(endpoint, namespace, &context.pods, context.trust_domain),
+            )),
             Err(_) => warnings.push(Warning::InvalidAddress {
                 slice: qualified(),
                 address: address.clone(),
@@ -184,6 +253,7 @@ fn add_service(
     name: &str,
     namespace: &str,
     slices: &[SliceView],
+    context: &Context,
     out: &mut Vec<RawService>,
     warnings: &mut Vec<Warning>,
 ) {
@@ -193,7 +263,8 @@ fn add_service(
     if spec.type_.as_deref() == Some("ExternalName") {
         return;
     }
-    let settings = port_settings(service, &format!("{namespace}/{name}"), warnings);
+    let qualified = format!("{namespace}/{name}");
+    let settings = port_settings(service, &qualified, namespace, context, warnings);
     for port in spec.ports.iter().flatten() {
         if !is_tcp(port.protocol.as_deref()) {
             continue;
@@ -201,23 +272,49 @@ fn add_service(
         let Some(number) = port_number(port.port) else {
             continue;
         };
+        let candidates = candidates_of(port, slices);
+        let decision = identity::decide(
+            candidates.values().map(|(_, workload)| *workload),
+            settings.identity.as_ref(),
+        );
+        report_withheld(
+            &decision.withheld,
+            decision.identity.as_ref(),
+            &qualified,
+            number,
+            warnings,
+        );
+        let endpoints = candidates
+            .into_iter()
+            .filter(|(_, (_, workload))| decision.serves(workload))
+            .map(|(address, (weight, _))| RawEndpoint {
+                address: address.to_string(),
+                weight,
+            })
+            .collect();
         out.push(RawService {
             name: format!("{name}.{namespace}.svc.cluster.local:{number}"),
             protocol: protocol_of(port),
             load_balancer: settings.load_balancer,
             connect_timeout: settings.connect_timeout.clone(),
             idle_timeout: settings.idle_timeout.clone(),
-            endpoints: endpoints_of(port, slices),
+            endpoints,
             circuit_breaker: None,
             outlier_detection: None,
             health_check: None,
-            identity: None,
+            identity: decision.identity.as_ref().map(ToString::to_string),
             original_destination: None,
         });
     }
 }
 
-fn port_settings(service: &Service, qualified: &str, warnings: &mut Vec<Warning>) -> PortSettings {
+fn port_settings(
+    service: &Service,
+    qualified: &str,
+    namespace: &str,
+    context: &Context,
+    warnings: &mut Vec<Warning>,
+) -> PortSettings {
     let found = service.metadata.annotations.as_ref();
     let load_balancer = annotations::get(found, annotations::LOAD_BALANCER)
         .and_then(|v| keep(annotations::load_balancer(v), qualified, warnings))
@@ -236,10 +333,18 @@ fn port_settings(service: &Service, qualified: &str, warnings: &mut Vec<Warning>
             warnings,
         )
     });
+    let identity = annotations::get(found, annotations::IDENTITY).and_then(|v| {
+        keep(
+            annotations::identity(v, namespace, context.trust_domain),
+            qualified,
+            warnings,
+        )
+    });
     PortSettings {
         load_balancer,
         connect_timeout,
         idle_timeout,
+        identity,
     }
 }
 
@@ -256,9 +361,13 @@ fn keep<T>(
         .ok()
 }
 
-/// The ready endpoints of `port` across `slices`, each address once, sorted.
-fn endpoints_of(port: &ServicePort, slices: &[SliceView]) -> Vec<RawEndpoint> {
-    let mut chosen: BTreeMap<SocketAddr, Option<u32>> = BTreeMap::new();
+/// The ready endpoints of `port` across `slices`, each address once (with its weight and
+/// workload), sorted; the identity decision then picks which are served.
+fn candidates_of<'a>(
+    port: &ServicePort,
+    slices: &'a [SliceView],
+) -> BTreeMap<SocketAddr, (Option<u32>, &'a Workload)> {
+    let mut chosen = BTreeMap::new();
     for slice in slices {
         // Per slice: a named targetPort may have a different number in each slice.
         let Some(number) = slice
@@ -270,19 +379,46 @@ fn endpoints_of(port: &ServicePort, slices: &[SliceView]) -> Vec<RawEndpoint> {
         else {
             continue;
         };
-        for ip in &slice.ready {
+        for (ip, workload) in &slice.ready {
             chosen
                 .entry(SocketAddr::new(*ip, number))
-                .or_insert(slice.weight);
+                .or_insert((slice.weight, workload));
         }
     }
     chosen
-        .into_iter()
-        .map(|(address, weight)| RawEndpoint {
-            address: address.to_string(),
-            weight,
-        })
-        .collect()
+}
+
+fn report_withheld(
+    withheld: &Withheld,
+    identity: Option<&SpiffeId>,
+    service: &str,
+    port: u16,
+    warnings: &mut Vec<Warning>,
+) {
+    let identity = || identity.map(ToString::to_string).unwrap_or_default();
+    if withheld.unmeshed > 0 {
+        warnings.push(Warning::Unmeshed {
+            service: service.to_string(),
+            port,
+            count: withheld.unmeshed,
+            identity: identity(),
+        });
+    }
+    if withheld.other_identity > 0 {
+        warnings.push(Warning::OtherIdentity {
+            service: service.to_string(),
+            port,
+            count: withheld.other_identity,
+            identity: identity(),
+        });
+    }
+    if withheld.unknown > 0 {
+        warnings.push(Warning::PodsNotSeen {
+            service: service.to_string(),
+            port,
+            count: withheld.unknown,
+        });
+    }
 }
 
 /// The EndpointSlice controller copies the ServicePort's name and protocol into the slice;

@@ -1,10 +1,10 @@
 //! A fake Kubernetes API server on 127.0.0.1:0 for the Kubernetes source's tests.
 //!
-//! It answers the requests kube's watcher makes for Services and EndpointSlices the way the
-//! real API server does: lists carry `metadata.resourceVersion`; a watch from version `R`
+//! It answers the requests kube's watcher makes for Services, EndpointSlices and Pods the way
+//! the real API server does (selectors are recorded, not applied): lists carry `metadata.resourceVersion`; a watch from version `R`
 //! replays the stored events newer than `R`, then streams new ones as chunked,
 //! newline-delimited JSON; a watch from a version older than the compacted history gets an
-//! `ERROR` event with a 410 `Expired` Status. One revision counter is shared by both kinds,
+//! `ERROR` event with a 410 `Expired` Status. One revision counter is shared by all kinds,
 //! as in etcd. Every request is logged to stderr and recorded for assertions.
 #![allow(dead_code)]
 
@@ -36,6 +36,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub enum Kind {
     Services,
     EndpointSlices,
+    Pods,
 }
 
 /// One request as the server saw it.
@@ -67,6 +68,7 @@ struct State {
     revision: u64,
     services: Store,
     slices: Store,
+    pods: Store,
 }
 
 #[derive(Default)]
@@ -89,13 +91,14 @@ impl Kind {
         match path {
             "/api/v1/services" => Some(Kind::Services),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlices),
+            "/api/v1/pods" => Some(Kind::Pods),
             _ => None,
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Services => "v1",
+            Kind::Services | Kind::Pods => "v1",
             Kind::EndpointSlices => "discovery.k8s.io/v1",
         }
     }
@@ -104,6 +107,7 @@ impl Kind {
         match self {
             Kind::Services => "Service",
             Kind::EndpointSlices => "EndpointSlice",
+            Kind::Pods => "Pod",
         }
     }
 }
@@ -282,6 +286,7 @@ impl State {
         match kind {
             Kind::Services => &mut self.services,
             Kind::EndpointSlices => &mut self.slices,
+            Kind::Pods => &mut self.pods,
         }
     }
 

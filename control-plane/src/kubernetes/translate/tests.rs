@@ -1,11 +1,17 @@
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 use tern_proxy::config::{
     Config, RawConfig, RawEndpoint, RawLoadBalancer, RawService, RawServiceProtocol,
 };
 
-use super::{Warning, services_from, translate};
+use super::{TrustDomain, Warning, services_from, translate};
+
+mod identity;
+
+fn td() -> TrustDomain {
+    "cluster.local".parse().expect("valid trust domain")
+}
 
 /// A Service as the API server returns it; `ports` is the JSON of `spec.ports`.
 fn service(namespace: &str, name: &str, ports: Value) -> Service {
@@ -528,7 +534,7 @@ fn cases() -> Vec<Case> {
 fn services_from_table() {
     for case in cases() {
         assert_eq!(
-            services_from(&case.services, &case.slices),
+            services_from(&case.services, &case.slices, &[], &td()),
             case.want,
             "case: {}",
             case.name
@@ -539,7 +545,7 @@ fn services_from_table() {
         services.reverse();
         slices.reverse();
         assert_eq!(
-            services_from(&services, &slices),
+            services_from(&services, &slices, &[], &td()),
             case.want,
             "case reversed: {}",
             case.name
@@ -557,7 +563,7 @@ fn service_annotations_set_balancer_and_timeouts_for_every_port() {
     let spec =
         json!({ "ports": [{ "name": "http", "port": 80 }, { "name": "grpc", "port": 9000 }] });
     let services = [service_with("shop", "web", annotations, spec)];
-    let got = services_from(&services, &[]);
+    let got = services_from(&services, &[], &[], &td());
     assert_eq!(got.len(), 2);
     for s in got {
         assert_eq!(s.load_balancer, RawLoadBalancer::PeakEwma, "{}", s.name);
@@ -584,7 +590,7 @@ fn invalid_annotations_fall_back_to_defaults_and_are_reported_once() {
         json!([{ "name": "http", "port": 8080 }, { "name": "http-alt", "port": 8081 }]),
         json!([ready("10.0.0.1")]),
     )];
-    let got = translate(&services, &slices);
+    let got = translate(&services, &slices, &[] as &[Pod], &td());
     for s in &got.services {
         assert_eq!(s.load_balancer, RawLoadBalancer::RoundRobin, "{}", s.name);
         assert_eq!(s.connect_timeout, None, "{}", s.name);
@@ -639,7 +645,7 @@ fn unsupported_slices_and_addresses_are_reported() {
             json!([ready("10.0.0.300")]),
         ),
     ];
-    let got = translate(&services, &slices);
+    let got = translate(&services, &slices, &[] as &[Pod], &td());
     assert_eq!(
         got.warnings,
         vec![
@@ -668,7 +674,16 @@ fn the_proxy_accepts_every_translation() {
     });
     for case in cases {
         let raw = RawConfig {
-            services: services_from(&case.services, &case.slices),
+            services: services_from(&case.services, &case.slices, &[], &td()),
+            ..RawConfig::default()
+        };
+        if let Err(e) = Config::try_from(raw) {
+            panic!("case {}: the proxy rejects the translation: {e}", case.name);
+        }
+    }
+    for case in identity::cases() {
+        let raw = RawConfig {
+            services: services_from(&case.services, &case.slices, &case.pods, &td()),
             ..RawConfig::default()
         };
         if let Err(e) = Config::try_from(raw) {
