@@ -879,7 +879,7 @@ fn route_index(routes: &[RouteRt], route: &RouteRt) -> usize {
 /// The server span of a request, with the HTTP semantic-convention attributes known at its
 /// start (built only when the request is sampled).
 fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>) -> ServerSpan {
-    use opentelemetry::KeyValue;
+    use opentelemetry::{KeyValue, StringValue, Value};
     tracer.server_span(req.headers(), || {
         let host = req
             .uri()
@@ -892,8 +892,11 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
                     .map(|h| h.split(':').next().unwrap_or(h).to_string())
             })
             .unwrap_or_default();
+        let method = method_value(req.method());
+        // Shared strings where the proxy has them: fewer copies per sampled span.
+        let listener = Value::String(StringValue::from(Arc::clone(&ctx.listener)));
         let mut attributes = vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("http.request.method", method.clone()),
             KeyValue::new("url.path", req.uri().path().to_string()),
             KeyValue::new("url.scheme", "http"),
             KeyValue::new("server.address", host),
@@ -906,13 +909,43 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
                 },
             ),
             KeyValue::new("client.address", ctx.client.to_string()),
-            KeyValue::new("tern.listener", ctx.listener.to_string()),
+            KeyValue::new("tern.listener", listener),
         ];
         if let Some(peer) = &ctx.peer {
             attributes.push(KeyValue::new("tern.peer.identity", peer.to_string()));
         }
-        (req.method().to_string(), attributes)
+        (method_name(req.method()), attributes)
     })
+}
+
+/// A standard method as a static string (no allocation), others copied.
+fn method_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
+    use http::Method as M;
+    let known = [
+        M::GET,
+        M::POST,
+        M::PUT,
+        M::DELETE,
+        M::HEAD,
+        M::OPTIONS,
+        M::PATCH,
+        M::CONNECT,
+        M::TRACE,
+    ];
+    const NAMES: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match known.iter().position(|m| m == method) {
+        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
+        None => std::borrow::Cow::Owned(method.as_str().to_string()),
+    }
+}
+
+fn method_value(method: &http::Method) -> opentelemetry::Value {
+    match method_name(method) {
+        std::borrow::Cow::Borrowed(s) => opentelemetry::Value::from(s),
+        std::borrow::Cow::Owned(s) => opentelemetry::Value::from(s),
+    }
 }
 
 /// The client span of one upstream attempt; it writes `traceparent` into `headers`.
@@ -924,14 +957,15 @@ fn attempt_span(
     retries: u32,
     headers: &mut http::HeaderMap,
 ) -> AttemptSpan {
-    use opentelemetry::KeyValue;
+    use opentelemetry::{KeyValue, StringValue, Value};
     span.attempt(headers, || {
         let addr = endpoint.state.addr;
+        let service_name = Value::String(StringValue::from(Arc::clone(&service.config.name)));
         let mut attributes = vec![
-            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("http.request.method", method_value(method)),
             KeyValue::new("server.address", addr.ip().to_string()),
             KeyValue::new("server.port", i64::from(addr.port())),
-            KeyValue::new("tern.service", service.config.name.to_string()),
+            KeyValue::new("tern.service", service_name),
             KeyValue::new("tern.endpoint", addr.to_string()),
         ];
         if retries > 0 {
@@ -940,7 +974,10 @@ fn attempt_span(
                 i64::from(retries),
             ));
         }
-        (format!("{method} {}", service.config.name), attributes)
+        (
+            format!("{} {}", method.as_str(), service.config.name).into(),
+            attributes,
+        )
     })
 }
 

@@ -29,8 +29,11 @@ use tokio::sync::mpsc;
 
 /// Finished spans waiting for export; past this, new ones are dropped (and counted).
 pub const QUEUE: usize = 8192;
+/// Spans per export at most (about 1 MB of OTLP: well under receivers' 4 MiB default).
 const BATCH: usize = 512;
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long the exporter lets spans gather after the first; the queue (`QUEUE`) holds that
+/// long at tens of thousands of spans a second.
+const GATHER: Duration = Duration::from_millis(100);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,7 +110,7 @@ impl Tracing {
     pub fn server_span(
         self: &Arc<Self>,
         headers: &HeaderMap,
-        describe: impl FnOnce() -> (String, Vec<KeyValue>),
+        describe: impl FnOnce() -> (std::borrow::Cow<'static, str>, Vec<KeyValue>),
     ) -> ServerSpan {
         let parent = incoming_context(headers);
         let sampled = match &parent {
@@ -189,7 +192,7 @@ impl ServerSpan {
     pub fn attempt(
         &self,
         headers: &mut HeaderMap,
-        describe: impl FnOnce() -> (String, Vec<KeyValue>),
+        describe: impl FnOnce() -> (std::borrow::Cow<'static, str>, Vec<KeyValue>),
     ) -> AttemptSpan {
         match &self.kind {
             Sampling::Unsampled(sc) => {
@@ -401,30 +404,32 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
-/// Batches the queue (up to 512 spans, or what arrived within a second) and exports.
+/// Exports in batches: after the first span of a quiet spell, waits `GATHER` for more, then
+/// sends up to `BATCH` at once; a fuller queue is sent batch after batch without waiting.
+/// One export per interval instead of one per wake-up: each export is a gRPC call with the
+/// resource and scope encoded again, which at thousands of spans a second cost more than
+/// the spans themselves.
 async fn export_loop(
     mut rx: mpsc::Receiver<SpanData>,
     exporter: opentelemetry_otlp::SpanExporter,
     counters: TraceCounters,
 ) {
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut backlog = false;
     loop {
-        let first = tokio::time::timeout(FLUSH_EVERY, rx.recv()).await;
-        match first {
-            Ok(Some(span)) => batch.push(span),
-            Ok(None) => break,
-            Err(_) => {}
+        let Some(first) = rx.recv().await else { break };
+        if !backlog {
+            tokio::time::sleep(GATHER).await;
         }
+        let mut batch = Vec::with_capacity(BATCH);
+        batch.push(first);
         while batch.len() < BATCH
             && let Ok(span) = rx.try_recv()
         {
             batch.push(span);
         }
-        if batch.is_empty() {
-            continue;
-        }
+        backlog = batch.len() == BATCH;
         let n = batch.len() as u64;
-        match exporter.export(std::mem::take(&mut batch)).await {
+        match exporter.export(batch).await {
             Ok(()) => {
                 counters.exported.inc_by(n);
             }
@@ -434,10 +439,6 @@ async fn export_loop(
                 tracing::debug!(error = %e, spans = n, "OTLP export failed");
             }
         }
-        batch = Vec::with_capacity(BATCH);
-    }
-    if !batch.is_empty() {
-        let _ = exporter.export(batch).await;
     }
 }
 
