@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 /// Finished spans waiting for export; past this, new ones are dropped (and counted).
 pub const QUEUE: usize = 8192;
-/// Spans per export at most (about 1 MB of OTLP: well under receivers' 4 MiB default).
+/// Spans per export at most (a few hundred KB of OTLP: well under receivers' 4 MiB default).
 const BATCH: usize = 512;
 /// How long the exporter lets spans gather after the first of a quiet spell. Short: encoding
 /// a batch runs on a runtime thread, and at 100 ms a batch of a few hundred spans showed in
