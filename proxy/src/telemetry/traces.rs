@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
     TraceState, Tracer as _, TracerProvider as _,
@@ -267,23 +267,32 @@ impl AttemptSpan {
     }
 }
 
+// Header names as constants: a `&str` lookup parses the name again on every request.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
 /// The trace context a request arrived with: W3C `traceparent` (+ `tracestate`) first, then
 /// B3 (single `b3` header or `x-b3-*` headers).
 pub fn incoming_context(headers: &HeaderMap) -> Option<SpanContext> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(tp) = text("traceparent") {
-        let state = text("tracestate")
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(tp) = text(&TRACEPARENT) {
+        let state = text(&TRACESTATE)
             .and_then(|s| TraceState::from_str(s).ok())
             .unwrap_or_default();
         return parse_traceparent(tp, state);
     }
-    if let Some(b3) = text("b3") {
+    if let Some(b3) = text(&B3) {
         return parse_b3_single(b3);
     }
-    let trace_id = text("x-b3-traceid")?;
-    let span_id = text("x-b3-spanid")?;
+    let trace_id = text(&B3_TRACE_ID)?;
+    let span_id = text(&B3_SPAN_ID)?;
     let sampled =
-        matches!(text("x-b3-sampled"), Some("1") | Some("true")) || text("x-b3-flags") == Some("1");
+        matches!(text(&B3_SAMPLED), Some("1") | Some("true")) || text(&B3_FLAGS) == Some("1");
     b3_context(trace_id, span_id, sampled)
 }
 
@@ -346,35 +355,55 @@ fn b3_context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
 
 /// Writes `sc` as the W3C headers of the upstream request (B3 headers are not forwarded:
 /// the proxy speaks W3C onward).
+///
+/// This runs for every request when tracing is on, sampled or not, so it avoids the
+/// obvious costs: one scan of the names instead of a lookup per B3 header (requests almost
+/// never carry them), and the value written into a stack buffer instead of `format!`.
 pub fn inject(sc: &SpanContext, headers: &mut HeaderMap) {
-    for name in [
-        "b3",
-        "x-b3-traceid",
-        "x-b3-spanid",
-        "x-b3-parentspanid",
-        "x-b3-sampled",
-        "x-b3-flags",
-    ] {
-        headers.remove(name);
+    let has_b3 = headers.keys().any(|name| {
+        let name = name.as_str();
+        name == "b3" || name.starts_with("x-b3-")
+    });
+    if has_b3 {
+        let b3: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str() == "b3" || name.as_str().starts_with("x-b3-"))
+            .cloned()
+            .collect();
+        for name in b3 {
+            headers.remove(name);
+        }
     }
     if !sc.is_valid() {
         return;
     }
-    let value = format!(
-        "00-{}-{}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8()
-    );
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("traceparent", v);
+    if let Ok(v) = HeaderValue::from_bytes(&traceparent_bytes(sc)) {
+        headers.insert(TRACEPARENT, v);
     }
     let state = sc.trace_state().header();
     if !state.is_empty()
         && let Ok(v) = HeaderValue::from_str(&state)
     {
-        headers.insert("tracestate", v);
+        headers.insert(TRACESTATE, v);
     }
+}
+
+/// `00-{trace id}-{span id}-{flags}` in lowercase hex: 55 bytes.
+fn traceparent_bytes(sc: &SpanContext) -> [u8; 55] {
+    fn hex(out: &mut [u8], bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0x0f)];
+        }
+    }
+    let mut out = [b'-'; 55];
+    out[0] = b'0';
+    out[1] = b'0';
+    hex(&mut out[3..35], &sc.trace_id().to_bytes());
+    hex(&mut out[36..52], &sc.span_id().to_bytes());
+    hex(&mut out[53..55], &[sc.trace_flags().to_u8()]);
+    out
 }
 
 /// Hands finished spans to the export task without waiting.
@@ -466,6 +495,43 @@ mod tests {
             h["traceparent"],
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
+    }
+
+    #[test]
+    fn inject_writes_the_w3c_form_and_drops_b3() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..200 {
+            let flags = if rng.bool() {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            };
+            let sc = SpanContext::new(
+                TraceId::from(rng.u128(1..)),
+                SpanId::from(rng.u64(1..)),
+                flags,
+                false,
+                TraceState::default(),
+            );
+            let mut h = HeaderMap::new();
+            h.insert("b3", HeaderValue::from_static("0"));
+            h.insert("x-b3-traceid", HeaderValue::from_static("1"));
+            h.insert("x-b3-sampled", HeaderValue::from_static("1"));
+            h.insert("x-keep", HeaderValue::from_static("yes"));
+            inject(&sc, &mut h);
+            let want = format!(
+                "00-{}-{}-{:02x}",
+                sc.trace_id(),
+                sc.span_id(),
+                sc.trace_flags().to_u8()
+            );
+            assert_eq!(h["traceparent"], want.as_str());
+            assert_eq!(h.len(), 2, "{h:?}");
+            assert_eq!(h["x-keep"], "yes");
+            let back = parse_traceparent(&want, TraceState::default()).unwrap();
+            assert_eq!(back.trace_id(), sc.trace_id());
+            assert_eq!(back.span_id(), sc.span_id());
+        }
     }
 
     #[test]
