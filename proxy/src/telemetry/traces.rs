@@ -360,16 +360,8 @@ fn b3_context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
 /// obvious costs: one scan of the names instead of a lookup per B3 header (requests almost
 /// never carry them), and the value written into a stack buffer instead of `format!`.
 pub fn inject(sc: &SpanContext, headers: &mut HeaderMap) {
-    let has_b3 = headers.keys().any(|name| {
-        let name = name.as_str();
-        name == "b3" || name.starts_with("x-b3-")
-    });
-    if has_b3 {
-        let b3: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| name.as_str() == "b3" || name.as_str().starts_with("x-b3-"))
-            .cloned()
-            .collect();
+    if headers.keys().any(is_b3) {
+        let b3: Vec<HeaderName> = headers.keys().filter(|n| is_b3(n)).cloned().collect();
         for name in b3 {
             headers.remove(name);
         }
@@ -386,6 +378,14 @@ pub fn inject(sc: &SpanContext, headers: &mut HeaderMap) {
     {
         headers.insert(TRACESTATE, v);
     }
+}
+
+/// The B3 headers (and only those: other `x-b3-` names are the app's and pass through).
+fn is_b3(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "b3" | "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid" | "x-b3-sampled" | "x-b3-flags"
+    )
 }
 
 /// `00-{trace id}-{span id}-{flags}` in lowercase hex: 55 bytes.
@@ -517,7 +517,9 @@ mod tests {
             h.insert("b3", HeaderValue::from_static("0"));
             h.insert("x-b3-traceid", HeaderValue::from_static("1"));
             h.insert("x-b3-sampled", HeaderValue::from_static("1"));
+            h.insert("x-b3-parentspanid", HeaderValue::from_static("2"));
             h.insert("x-keep", HeaderValue::from_static("yes"));
+            h.insert("x-b3-custom", HeaderValue::from_static("app's own"));
             inject(&sc, &mut h);
             let want = format!(
                 "00-{}-{}-{:02x}",
@@ -526,8 +528,9 @@ mod tests {
                 sc.trace_flags().to_u8()
             );
             assert_eq!(h["traceparent"], want.as_str());
-            assert_eq!(h.len(), 2, "{h:?}");
+            assert_eq!(h.len(), 3, "{h:?}");
             assert_eq!(h["x-keep"], "yes");
+            assert_eq!(h["x-b3-custom"], "app's own");
             let back = parse_traceparent(&want, TraceState::default()).unwrap();
             assert_eq!(back.trace_id(), sc.trace_id());
             assert_eq!(back.span_id(), sc.span_id());
