@@ -299,9 +299,12 @@ services:
     })
     .await;
     aborted.map_err(|e| envoy.explain(e))?;
-    node_acks(admin, "envoy-traffic", Api::Sotw)
-        .await
-        .map_err(|e| envoy.explain(e))?;
+    // Envoy serves a route before its ACK for it reaches the control plane: wait for the ACKs.
+    eventually("Envoy ACKing cds, eds, lds and rds", WAIT, || {
+        node_acks(admin, "envoy-traffic", Api::Sotw)
+    })
+    .await
+    .map_err(|e| envoy.explain(e))?;
 
     let (status, _) = http_get(listen, "/chaos").await?;
     ensure!(status == StatusCode::OK, "/chaos without x-chaos: {status}");
@@ -506,7 +509,15 @@ impl Envoy {
 
     /// Adds Envoy's log to an error.
     fn explain(&self, e: anyhow::Error) -> anyhow::Error {
-        e.context(format!("Envoy log:\n{}", tail(&self.log, 60)))
+        // The cause first: a long log printed before it gets cut away by CI summaries. The
+        // start-up inventory of extensions (server.cc) says nothing about a failure.
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("source/server/server.cc"))
+            .collect();
+        let log = lines[lines.len().saturating_sub(40)..].join("\n");
+        anyhow::anyhow!("{e:#}\n--- Envoy log (last 40 lines, start-up inventory left out):\n{log}")
     }
 }
 
