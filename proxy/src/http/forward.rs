@@ -539,7 +539,7 @@ async fn forward(
                             }
                             (s.log, s.record)
                         });
-                        if let Some(s) = span.as_ref().filter(|s| s.is_recording()) {
+                        if let Some(s) = span.as_mut().filter(|s| s.is_recording()) {
                             s.set_attribute(opentelemetry::KeyValue::new(
                                 "tern.retries",
                                 i64::from(retrier.retries),

@@ -2,30 +2,26 @@
 //! retries show), W3C Trace Context read and propagated (B3 accepted on the way in),
 //! parent-based ratio sampling, export over OTLP/gRPC.
 //!
-//! Export never touches the request path: a finished span goes into a bounded queue
-//! ([`QueueProcessor`]); a full queue drops it and counts it. One task batches the queue and
-//! calls the OTLP exporter; a collector that is down costs failed exports (counted), not
-//! latency.
+//! A span is a plain record ([`SpanRecord`]): the ids and flags from `opentelemetry`'s
+//! types, a name, two timestamps and `KeyValue` attributes. It is built only for a sampled
+//! request. Export never touches the request path: a finished record goes into a bounded
+//! queue; a full queue drops it and counts it. One task batches the queue and sends it to
+//! the receiver ([`super::otlp`]); a collector that is down costs failed exports (counted),
+//! not latency.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
-use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
-    TraceState, Tracer as _, TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
-};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
+
+use super::otlp::Exporter;
 
 /// Finished spans waiting for export; past this, new ones are dropped (and counted).
 pub const QUEUE: usize = 8192;
@@ -36,6 +32,8 @@ const BATCH: usize = 512;
 /// the requests' p99 (2.6-3.4 ms at 2000 req/s, against 1.2-1.7 ms at 10 ms).
 const GATHER: Duration = Duration::from_millis(10);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The instrumentation scope of every span.
+const SCOPE: &str = "tern-proxy";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TracingConfig {
@@ -53,48 +51,53 @@ pub struct TraceCounters {
     pub export_failures: Counter,
 }
 
+/// A finished (or, until `end`, open) span as it is exported.
+#[derive(Debug)]
+pub struct SpanRecord {
+    /// This span's trace id, span id, flags and trace state.
+    pub context: SpanContext,
+    /// `None` for the root of a trace.
+    pub parent: Option<Parent>,
+    pub kind: SpanKind,
+    pub name: Cow<'static, str>,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<KeyValue>,
+    /// Set when the span failed: the status message (status code ERROR).
+    pub error: Option<Cow<'static, str>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Parent {
+    pub span_id: SpanId,
+    /// The parent is another process's span (it came in a request header).
+    pub remote: bool,
+}
+
 /// The tracer of a running config.
 #[derive(Debug)]
 pub struct Tracing {
     config: TracingConfig,
-    tracer: SdkTracer,
-    // Kept so the processor (and its queue) lives as long as this config.
-    _provider: SdkTracerProvider,
+    /// To the export task, which ends once this (the config's last reference) is dropped and
+    /// the queue is drained.
+    tx: mpsc::Sender<Box<SpanRecord>>,
+    dropped: Counter,
 }
 
 impl Tracing {
     /// Builds the exporter and starts the export task (needs a tokio runtime).
     pub fn start(config: TracingConfig, counters: TraceCounters) -> Result<Tracing, String> {
-        let resource = Resource::builder_empty()
-            .with_attribute(KeyValue::new("service.name", config.service_name.clone()))
-            .build();
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(config.otlp_endpoint.clone())
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| format!("OTLP exporter for {}: {e}", config.otlp_endpoint))?;
-        // The SDK's own processors hand the resource to their exporter; this one does too.
-        exporter.set_resource(&resource);
+        let resource = vec![KeyValue::new("service.name", config.service_name.clone())];
+        let exporter = Exporter::new(&config.otlp_endpoint, EXPORT_TIMEOUT, resource, SCOPE)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(tracing::Instrument::instrument(
             export_loop(rx, exporter, counters.clone()),
             tracing::info_span!("otlp_export"),
         ));
-        let provider = SdkTracerProvider::builder()
-            // Sampling is decided before a span reaches the SDK (`server_span`).
-            .with_sampler(Sampler::AlwaysOn)
-            .with_span_processor(QueueProcessor {
-                tx,
-                dropped: counters.dropped,
-            })
-            .with_resource(resource)
-            .build();
-        let tracer = provider.tracer("tern-proxy");
         Ok(Tracing {
             config,
-            tracer,
-            _provider: provider,
+            tx,
+            dropped: counters.dropped,
         })
     }
 
@@ -102,47 +105,59 @@ impl Tracing {
         &self.config
     }
 
+    /// Queues a finished span without waiting.
+    fn submit(&self, mut span: Box<SpanRecord>) {
+        span.end = SystemTime::now();
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
     /// Starts the server span of a request, as a child of the incoming trace context.
     ///
-    /// Sampling is decided here, before the SDK is touched: the parent's flag when the
-    /// request carries a context, else one draw against the ratio. An unsampled request
-    /// gets no SDK span and no attributes (`describe` is not called), only a context that
-    /// travels upstream with the sampled flag off, so the trace id still joins the hops.
+    /// Sampling is decided first: the parent's flag when the request carries a context,
+    /// else one draw against the ratio. An unsampled request gets no record and no
+    /// attributes (`describe` is not called), only a context that travels upstream with the
+    /// sampled flag off, so the trace id still joins the hops.
     pub fn server_span(
         self: &Arc<Self>,
         headers: &HeaderMap,
-        describe: impl FnOnce() -> (std::borrow::Cow<'static, str>, Vec<KeyValue>),
+        describe: impl FnOnce() -> (Cow<'static, str>, Vec<KeyValue>),
     ) -> ServerSpan {
         let parent = incoming_context(headers);
         let sampled = match &parent {
             Some(p) => p.is_sampled(),
             None => sample_root(self.config.sample_ratio, fastrand::f64()),
         };
+        let (trace_id, state) = match &parent {
+            Some(p) => (p.trace_id(), p.trace_state().clone()),
+            None => (new_trace_id(), TraceState::default()),
+        };
         if !sampled {
-            let (trace_id, state) = match parent {
-                Some(p) => (p.trace_id(), p.trace_state().clone()),
-                None => (new_trace_id(), TraceState::default()),
-            };
             let sc = SpanContext::new(trace_id, new_span_id(), TraceFlags::default(), false, state);
             return ServerSpan {
                 tracing: Arc::clone(self),
                 kind: Sampling::Unsampled(sc),
             };
         }
-        let parent = match parent {
-            Some(remote) => Context::new().with_remote_span_context(remote),
-            None => Context::new(),
-        };
         let (name, attributes) = describe();
-        let span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &parent);
+        let now = SystemTime::now();
+        let record = SpanRecord {
+            context: SpanContext::new(trace_id, new_span_id(), TraceFlags::SAMPLED, false, state),
+            parent: parent.map(|p| Parent {
+                span_id: p.span_id(),
+                remote: true,
+            }),
+            kind: SpanKind::Server,
+            name,
+            start: now,
+            end: now,
+            attributes,
+            error: None,
+        };
         ServerSpan {
             tracing: Arc::clone(self),
-            kind: Sampling::Recording(parent.with_span(span)),
+            kind: Sampling::Recording(Box::new(record)),
         }
     }
 }
@@ -161,7 +176,8 @@ fn new_span_id() -> SpanId {
     SpanId::from(fastrand::u64(1..))
 }
 
-/// A request's server span; attempts are its children.
+/// A request's server span; attempts are its children. Dropped without `end` (the client
+/// went away), it is still exported, with what it had.
 #[derive(Debug)]
 pub struct ServerSpan {
     tracing: Arc<Tracing>,
@@ -170,17 +186,20 @@ pub struct ServerSpan {
 
 #[derive(Debug)]
 enum Sampling {
-    /// Sampled: an SDK span that is exported when it ends.
-    Recording(Context),
+    /// Sampled: a record that is exported when the span ends.
+    Recording(Box<SpanRecord>),
     /// Not sampled: only the context that is propagated.
     Unsampled(SpanContext),
+    /// Ended and queued.
+    Ended,
 }
 
 impl ServerSpan {
     pub fn trace_id(&self) -> TraceId {
         match &self.kind {
-            Sampling::Recording(cx) => cx.span().span_context().trace_id(),
+            Sampling::Recording(r) => r.context.trace_id(),
             Sampling::Unsampled(sc) => sc.trace_id(),
+            Sampling::Ended => TraceId::INVALID,
         }
     }
 
@@ -193,77 +212,114 @@ impl ServerSpan {
     pub fn attempt(
         &self,
         headers: &mut HeaderMap,
-        describe: impl FnOnce() -> (std::borrow::Cow<'static, str>, Vec<KeyValue>),
+        describe: impl FnOnce() -> (Cow<'static, str>, Vec<KeyValue>),
     ) -> AttemptSpan {
         match &self.kind {
             Sampling::Unsampled(sc) => {
                 inject(sc, headers);
                 AttemptSpan { span: None }
             }
-            Sampling::Recording(cx) => {
+            Sampling::Ended => AttemptSpan { span: None },
+            Sampling::Recording(server) => {
                 let (name, attributes) = describe();
-                let span = self
-                    .tracing
-                    .tracer
-                    .span_builder(name)
-                    .with_kind(SpanKind::Client)
-                    .with_attributes(attributes)
-                    .start_with_context(&self.tracing.tracer, cx);
-                inject(span.span_context(), headers);
-                AttemptSpan { span: Some(span) }
+                let cx = &server.context;
+                let now = SystemTime::now();
+                let record = SpanRecord {
+                    context: SpanContext::new(
+                        cx.trace_id(),
+                        new_span_id(),
+                        cx.trace_flags(),
+                        false,
+                        cx.trace_state().clone(),
+                    ),
+                    parent: Some(Parent {
+                        span_id: cx.span_id(),
+                        remote: false,
+                    }),
+                    kind: SpanKind::Client,
+                    name,
+                    start: now,
+                    end: now,
+                    attributes,
+                    error: None,
+                };
+                inject(&record.context, headers);
+                AttemptSpan {
+                    span: Some((Box::new(record), Arc::clone(&self.tracing))),
+                }
             }
         }
     }
 
-    pub fn set_attribute(&self, kv: KeyValue) {
-        if let Sampling::Recording(cx) = &self.kind {
-            cx.span().set_attribute(kv);
+    pub fn set_attribute(&mut self, kv: KeyValue) {
+        if let Sampling::Recording(r) = &mut self.kind {
+            r.attributes.push(kv);
         }
     }
 
     /// Ends the span with the response status (5xx and the proxy's own failures are errors).
-    pub fn end(self, status: u16, outcome: &str) {
-        let Sampling::Recording(cx) = self.kind else {
+    pub fn end(mut self, status: u16, outcome: &str) {
+        let Sampling::Recording(mut r) = std::mem::replace(&mut self.kind, Sampling::Ended) else {
             return;
         };
-        let span = cx.span();
-        span.set_attribute(KeyValue::new(
+        r.attributes.push(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
         ));
         if outcome != "-" {
-            span.set_attribute(KeyValue::new("tern.outcome", outcome.to_string()));
+            r.attributes
+                .push(KeyValue::new("tern.outcome", outcome.to_string()));
         }
         if status >= 500 {
-            span.set_attribute(KeyValue::new("error.type", status.to_string()));
-            span.set_status(Status::error(outcome.to_string()));
+            r.attributes
+                .push(KeyValue::new("error.type", status.to_string()));
+            r.error = Some(Cow::Owned(outcome.to_string()));
         }
-        span.end();
+        self.tracing.submit(r);
+    }
+}
+
+impl Drop for ServerSpan {
+    fn drop(&mut self) {
+        if let Sampling::Recording(r) = std::mem::replace(&mut self.kind, Sampling::Ended) {
+            self.tracing.submit(r);
+        }
     }
 }
 
 /// One upstream attempt's client span (`None` when the request is not sampled).
 #[derive(Debug)]
 pub struct AttemptSpan {
-    span: Option<opentelemetry_sdk::trace::Span>,
+    span: Option<(Box<SpanRecord>, Arc<Tracing>)>,
 }
 
 impl AttemptSpan {
-    pub fn end(self, status: Option<u16>, error: Option<&str>) {
-        let Some(mut span) = self.span else {
+    pub fn end(mut self, status: Option<u16>, error: Option<&str>) {
+        let Some((mut r, tracing)) = self.span.take() else {
             return;
         };
         if let Some(s) = status {
-            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(s)));
+            r.attributes
+                .push(KeyValue::new("http.response.status_code", i64::from(s)));
             if s >= 500 {
-                span.set_attribute(KeyValue::new("error.type", s.to_string()));
+                r.attributes
+                    .push(KeyValue::new("error.type", s.to_string()));
             }
         }
         if let Some(e) = error {
-            span.set_attribute(KeyValue::new("error.type", e.to_string()));
-            span.set_status(Status::error(e.to_string()));
+            r.attributes
+                .push(KeyValue::new("error.type", e.to_string()));
+            r.error = Some(Cow::Owned(e.to_string()));
         }
-        span.end();
+        tracing.submit(r);
+    }
+}
+
+impl Drop for AttemptSpan {
+    fn drop(&mut self) {
+        if let Some((r, tracing)) = self.span.take() {
+            tracing.submit(r);
+        }
     }
 }
 
@@ -406,51 +462,23 @@ fn traceparent_bytes(sc: &SpanContext) -> [u8; 55] {
     out
 }
 
-/// Hands finished spans to the export task without waiting.
-#[derive(Debug)]
-struct QueueProcessor {
-    tx: mpsc::Sender<SpanData>,
-    dropped: Counter,
-}
-
-impl SpanProcessor for QueueProcessor {
-    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        if self.tx.try_send(span).is_err() {
-            self.dropped.inc();
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
-
 /// Exports in batches: after the first span of a quiet spell, waits `GATHER` for more, then
 /// sends up to `BATCH` at once; a fuller queue is sent batch after batch without waiting.
 /// One export per interval instead of one per wake-up: each export is a gRPC call with the
 /// resource and scope encoded again, which at thousands of spans a second cost more than
 /// the spans themselves.
 async fn export_loop(
-    mut rx: mpsc::Receiver<SpanData>,
-    exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<Box<SpanRecord>>,
+    mut exporter: Exporter,
     counters: TraceCounters,
 ) {
     let mut backlog = false;
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         let Some(first) = rx.recv().await else { break };
         if !backlog {
             tokio::time::sleep(GATHER).await;
         }
-        let mut batch = Vec::with_capacity(BATCH);
         batch.push(first);
         while batch.len() < BATCH
             && let Ok(span) = rx.try_recv()
@@ -459,9 +487,15 @@ async fn export_loop(
         }
         backlog = batch.len() == BATCH;
         let n = batch.len() as u64;
-        match exporter.export(batch).await {
+        match exporter.export(&batch).await {
             Ok(()) => {
                 counters.exported.inc_by(n);
+            }
+            Err(super::otlp::ExportError::Partial { rejected, message }) => {
+                let rejected = rejected.min(n);
+                counters.exported.inc_by(n - rejected);
+                counters.dropped.inc_by(rejected);
+                tracing::debug!(rejected, %message, "OTLP receiver rejected spans");
             }
             Err(e) => {
                 counters.export_failures.inc();
@@ -469,6 +503,7 @@ async fn export_loop(
                 tracing::debug!(error = %e, spans = n, "OTLP export failed");
             }
         }
+        batch.clear();
     }
 }
 

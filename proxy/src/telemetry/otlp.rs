@@ -1,0 +1,468 @@
+//! OTLP/gRPC export of finished spans: the `ExportTraceServiceRequest` protobuf written
+//! straight from the proxy's span records, one unary `TraceService/Export` call per batch.
+//!
+//! Why not opentelemetry-otlp's exporter: counted with callgrind at 100 % sampling, it spent
+//! ~20,600 instructions per request before any byte existed (every batch deep-cloned for its
+//! retry path, then converted into the opentelemetry-proto structs), and prost's encoding of
+//! that tree and the send ~20,000 more, against ~50,000 for the whole proxied request. This
+//! encoder writes the same message in one pass over the records into one reused buffer. The
+//! schema is opentelemetry-proto's; the tests decode what is written with its types.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+use http::uri::PathAndQuery;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{Array, KeyValue, Value};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Channel, Endpoint};
+
+use super::traces::SpanRecord;
+
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A client of one OTLP/gRPC receiver.
+pub struct Exporter {
+    channel: Channel,
+    timeout: Duration,
+    resource: Vec<KeyValue>,
+    scope: &'static str,
+    /// Reused between exports: a batch is encoded without growing a fresh buffer.
+    buf: Vec<u8>,
+}
+
+/// Why an export did not deliver every span.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Grpc(#[from] tonic::Status),
+    #[error("receiver not ready: {0}")]
+    Transport(String),
+    #[error("receiver rejected {rejected} spans: {message}")]
+    Partial { rejected: u64, message: String },
+}
+
+impl Exporter {
+    /// A lazily connecting client (a receiver that is down is only an export error later).
+    pub fn new(
+        endpoint: &str,
+        timeout: Duration,
+        resource: Vec<KeyValue>,
+        scope: &'static str,
+    ) -> Result<Exporter, String> {
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("OTLP endpoint {endpoint}: {e}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Exporter {
+            channel,
+            timeout,
+            resource,
+            scope,
+            buf: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// Sends one batch; `Ok` means the receiver took every span.
+    pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
+        self.buf.clear();
+        encode_request(&mut self.buf, &self.resource, self.scope, spans);
+        let body = Bytes::copy_from_slice(&self.buf);
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| ExportError::Transport(e.to_string()))?;
+        let mut request = tonic::Request::new(body);
+        request.set_timeout(self.timeout);
+        let response = grpc
+            .unary(request, PathAndQuery::from_static(EXPORT_PATH), RawCodec)
+            .await?
+            .into_inner();
+        match response.partial_success {
+            Some(p) if p.rejected_spans > 0 => Err(ExportError::Partial {
+                rejected: p.rejected_spans.max(0) as u64,
+                message: p.error_message,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Requests go out as the bytes `encode_request` wrote; responses are decoded with prost.
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+struct RawEncoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+struct ResponseDecoder;
+
+impl Decoder for ResponseDecoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+        let response = ExportTraceServiceResponse::decode(src.copy_to_bytes(src.remaining()))
+            .map_err(|e| tonic::Status::internal(format!("OTLP response: {e}")))?;
+        Ok(Some(response))
+    }
+}
+
+// Protobuf wire types.
+const VARINT: u32 = 0;
+const I64: u32 = 1;
+const LEN: u32 = 2;
+const I32: u32 = 5;
+
+/// `ExportTraceServiceRequest { resource_spans: [ { resource, scope_spans: [ { scope, spans } ] } ] }`.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    resource: &[KeyValue],
+    scope: &str,
+    spans: &[Box<SpanRecord>],
+) {
+    nested(out, 1, |out| {
+        // ResourceSpans.resource: Resource { attributes = 1 }
+        nested(out, 1, |out| {
+            for kv in resource {
+                nested(out, 1, |out| key_value(out, kv));
+            }
+        });
+        // ResourceSpans.scope_spans
+        nested(out, 2, |out| {
+            // ScopeSpans.scope: InstrumentationScope { name = 1 }
+            nested(out, 1, |out| string(out, 1, scope));
+            for span in spans {
+                nested(out, 2, |out| encode_span(out, span));
+            }
+        });
+    });
+}
+
+/// One `Span` message (opentelemetry/proto/trace/v1/trace.proto).
+fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
+    let cx = &span.context;
+    bytes(out, 1, &cx.trace_id().to_bytes());
+    bytes(out, 2, &cx.span_id().to_bytes());
+    let state = cx.trace_state().header();
+    if !state.is_empty() {
+        string(out, 3, &state);
+    }
+    if let Some(parent) = span.parent {
+        bytes(out, 4, &parent.span_id.to_bytes());
+    }
+    string(out, 5, &span.name);
+    let kind: u64 = match span.kind {
+        SpanKind::Internal => 1,
+        SpanKind::Server => 2,
+        SpanKind::Client => 3,
+        SpanKind::Producer => 4,
+        SpanKind::Consumer => 5,
+    };
+    tag(out, 6, VARINT);
+    varint(out, kind);
+    fixed64(out, 7, unix_nanos(span.start));
+    fixed64(out, 8, unix_nanos(span.end));
+    for kv in &span.attributes {
+        nested(out, 9, |out| key_value(out, kv));
+    }
+    if let Some(message) = &span.error {
+        // Status { message = 2, code = 3 (ERROR = 2) }
+        nested(out, 15, |out| {
+            string(out, 2, message);
+            tag(out, 3, VARINT);
+            varint(out, 2);
+        });
+    }
+    // Span.flags: the W3C trace flags in bits 0-7; bit 8 says bit 9 is known, bit 9 that the
+    // parent was remote (a span of another process).
+    let mut flags = u32::from(cx.trace_flags().to_u8()) | 0x100;
+    if span.parent.is_some_and(|p| p.remote) {
+        flags |= 0x200;
+    }
+    tag(out, 16, I32);
+    out.extend_from_slice(&flags.to_le_bytes());
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// `KeyValue { key = 1, value = 2 (AnyValue) }`.
+fn key_value(out: &mut Vec<u8>, kv: &KeyValue) {
+    string(out, 1, kv.key.as_str());
+    nested(out, 2, |out| any_value(out, &kv.value));
+}
+
+/// `AnyValue { string_value = 1, bool_value = 2, int_value = 3, double_value = 4,
+/// array_value = 5 (ArrayValue { values = 1 }) }`.
+fn any_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::String(s) => string(out, 1, s.as_str()),
+        Value::Bool(b) => {
+            tag(out, 2, VARINT);
+            varint(out, u64::from(*b));
+        }
+        Value::I64(i) => {
+            tag(out, 3, VARINT);
+            // int64 on the wire: the two's complement as an unsigned varint.
+            varint(out, *i as u64);
+        }
+        Value::F64(f) => fixed64(out, 4, f.to_bits()),
+        Value::Array(array) => nested(out, 5, |out| match array {
+            Array::Bool(v) => v
+                .iter()
+                .for_each(|b| nested(out, 1, |out| any_value(out, &Value::Bool(*b)))),
+            Array::I64(v) => v
+                .iter()
+                .for_each(|i| nested(out, 1, |out| any_value(out, &Value::I64(*i)))),
+            Array::F64(v) => v
+                .iter()
+                .for_each(|f| nested(out, 1, |out| any_value(out, &Value::F64(*f)))),
+            Array::String(v) => v
+                .iter()
+                .for_each(|s| nested(out, 1, |out| string(out, 1, s.as_str()))),
+            other => string(out, 1, &other.to_string()),
+        }),
+        other => string(out, 1, &other.to_string()),
+    }
+}
+
+fn tag(out: &mut Vec<u8>, field: u32, wire: u32) {
+    varint(out, u64::from((field << 3) | wire));
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
+    tag(out, field, LEN);
+    varint(out, data.len() as u64);
+    out.extend_from_slice(data);
+}
+
+fn string(out: &mut Vec<u8>, field: u32, s: &str) {
+    bytes(out, field, s.as_bytes());
+}
+
+fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
+    tag(out, field, I64);
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A length-delimited field whose content `write` appends. The length is only known after,
+/// so one byte is set aside for it (enough below 128 bytes: every attribute and value); a
+/// longer message moves its content right by the extra length bytes, once. That is cheaper
+/// than computing every nested length before writing, as prost does for each level.
+fn nested(out: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
+    tag(out, field, LEN);
+    let at = out.len();
+    out.push(0);
+    write(out);
+    let len = out.len() - at - 1;
+    if len < 0x80 {
+        out[at] = len as u8;
+        return;
+    }
+    let mut head = Vec::with_capacity(10);
+    varint(&mut head, len as u64);
+    out.splice(at..=at, head);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::traces::Parent;
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Pv;
+    use std::borrow::Cow;
+    use std::str::FromStr;
+
+    fn record(i: u64, long: bool) -> Box<SpanRecord> {
+        let state = if i.is_multiple_of(2) {
+            TraceState::from_str("vendor=a,other=b").unwrap()
+        } else {
+            TraceState::default()
+        };
+        let flags = if i.is_multiple_of(3) {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("server.port", 8080_i64),
+            KeyValue::new("tern.negative", -5_i64),
+            KeyValue::new("tern.flag", true),
+            KeyValue::new("tern.ratio", 0.25),
+            KeyValue::new(
+                "tern.list",
+                Value::Array(Array::String(vec!["x".into(), "y".into()])),
+            ),
+            KeyValue::new("tern.ints", Value::Array(Array::I64(vec![1, -2, 300]))),
+        ];
+        if long {
+            // Past 127 and 16,383 bytes: two- and three-byte lengths at every level.
+            attributes.push(KeyValue::new("url.path", "p".repeat(20_000)));
+        }
+        Box::new(SpanRecord {
+            context: SpanContext::new(
+                TraceId::from(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10_u128 + u128::from(i)),
+                SpanId::from(0x1112_1314_1516_1718 + i),
+                flags,
+                false,
+                state,
+            ),
+            parent: (i % 2 == 1).then_some(Parent {
+                span_id: SpanId::from(0x2122_2324_2526_2728),
+                remote: i % 4 == 1,
+            }),
+            kind: if i.is_multiple_of(2) {
+                SpanKind::Server
+            } else {
+                SpanKind::Client
+            },
+            name: format!("GET api {i}").into(),
+            start: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + i),
+            end: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_500_000_000 + i),
+            attributes,
+            error: i.is_multiple_of(5).then(|| Cow::Owned(format!("upstream reset {i}"))),
+        })
+    }
+
+    #[test]
+    fn the_request_decodes_with_opentelemetry_proto() {
+        for long in [false, true] {
+            let spans: Vec<_> = (0..40).map(|i| record(i, long && i == 7)).collect();
+            let mut out = Vec::new();
+            let resource = vec![KeyValue::new("service.name", "web-sidecar")];
+            encode_request(&mut out, &resource, "tern-proxy", &spans);
+            let req = ExportTraceServiceRequest::decode(out.as_slice()).unwrap();
+            assert_eq!(req.resource_spans.len(), 1);
+            let rs = &req.resource_spans[0];
+            let res = rs.resource.as_ref().unwrap();
+            assert_eq!(res.attributes[0].key, "service.name");
+            assert_eq!(
+                res.attributes[0].value.as_ref().unwrap().value,
+                Some(Pv::StringValue("web-sidecar".into()))
+            );
+            assert_eq!(rs.scope_spans.len(), 1);
+            let ss = &rs.scope_spans[0];
+            assert_eq!(ss.scope.as_ref().unwrap().name, "tern-proxy");
+            assert_eq!(ss.spans.len(), spans.len());
+            for (got, want) in ss.spans.iter().zip(&spans) {
+                let cx = &want.context;
+                assert_eq!(got.trace_id, cx.trace_id().to_bytes());
+                assert_eq!(got.span_id, cx.span_id().to_bytes());
+                assert_eq!(got.trace_state, cx.trace_state().header());
+                match want.parent {
+                    Some(p) => assert_eq!(got.parent_span_id, p.span_id.to_bytes()),
+                    None => assert!(got.parent_span_id.is_empty()),
+                }
+                assert_eq!(got.name, want.name);
+                let kind = if want.kind == SpanKind::Server { 2 } else { 3 };
+                assert_eq!(got.kind, kind);
+                assert_eq!(got.start_time_unix_nano, unix_nanos(want.start));
+                assert_eq!(got.end_time_unix_nano, unix_nanos(want.end));
+                let remote = want.parent.is_some_and(|p| p.remote);
+                assert_eq!(
+                    got.flags,
+                    u32::from(cx.trace_flags().to_u8()) | 0x100 | if remote { 0x200 } else { 0 }
+                );
+                match &want.error {
+                    Some(m) => {
+                        let status = got.status.as_ref().unwrap();
+                        assert_eq!(status.code, 2);
+                        assert_eq!(&status.message, m);
+                    }
+                    None => assert!(got.status.is_none()),
+                }
+                assert_eq!(got.attributes.len(), want.attributes.len());
+                for (g, w) in got.attributes.iter().zip(&want.attributes) {
+                    assert_eq!(g.key, w.key.as_str());
+                    let v = g.value.as_ref().unwrap().value.as_ref().unwrap();
+                    match (&w.value, v) {
+                        (Value::String(s), Pv::StringValue(g)) => assert_eq!(s.as_str(), g),
+                        (Value::I64(i), Pv::IntValue(g)) => assert_eq!(i, g),
+                        (Value::Bool(b), Pv::BoolValue(g)) => assert_eq!(b, g),
+                        (Value::F64(f), Pv::DoubleValue(g)) => assert_eq!(f, g),
+                        (Value::Array(Array::String(s)), Pv::ArrayValue(g)) => {
+                            let g: Vec<_> =
+                                g.values.iter().map(|v| v.value.clone().unwrap()).collect();
+                            let s: Vec<_> = s
+                                .iter()
+                                .map(|s| Pv::StringValue(s.as_str().to_string()))
+                                .collect();
+                            assert_eq!(g, s);
+                        }
+                        (Value::Array(Array::I64(s)), Pv::ArrayValue(g)) => {
+                            let g: Vec<_> =
+                                g.values.iter().map(|v| v.value.clone().unwrap()).collect();
+                            let s: Vec<_> = s.iter().map(|i| Pv::IntValue(*i)).collect();
+                            assert_eq!(g, s);
+                        }
+                        other => panic!("mismatch {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn varints_match_prost() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u32::MAX as u64,
+            u64::MAX,
+        ] {
+            let mut mine = Vec::new();
+            varint(&mut mine, v);
+            let mut theirs = Vec::new();
+            prost::encoding::encode_varint(v, &mut theirs);
+            assert_eq!(mine, theirs, "{v}");
+        }
+    }
+}
