@@ -154,6 +154,55 @@ async fn spans_continue_the_clients_trace_and_the_upstream_sees_the_proxys_span(
     assert!(attr(&client.1, "tern.endpoint").contains(&api.addr.to_string()));
 }
 
+/// The client gives up while the upstream is still silent: both spans are exported anyway,
+/// the server span saying why it has no status.
+#[tokio::test]
+async fn a_request_the_client_cancels_is_still_exported() {
+    let (otlp, r) = receiver().await;
+    // An upstream that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let proxy = Proxy::start(&config(otlp, 0.0, silent_addr)).await;
+    let mut send = h2_connect(proxy.addr("web")).await;
+    let req = hyper::Request::get("http://x/slow")
+        .header("traceparent", format!("00-{TRACE}-{CLIENT_SPAN}-01"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    // Dropping the response future resets the stream (RST_STREAM CANCEL).
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), send.send_request(req)).await;
+    assert!(
+        gave_up.is_err(),
+        "the silent upstream answered: {gave_up:?}"
+    );
+    let spans = wait_spans(&r, 2).await;
+    let server = spans
+        .iter()
+        .find(|(_, s)| s.kind == 2)
+        .expect("server span");
+    assert!(
+        spans.iter().any(|(_, s)| s.kind == 3),
+        "no attempt span: {spans:?}"
+    );
+    assert_eq!(hex(&server.1.trace_id), TRACE);
+    let outcome = server
+        .1
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "tern.outcome")
+        .and_then(|kv| kv.value.as_ref())
+        .map(|v| format!("{:?}", v.value))
+        .unwrap_or_default();
+    assert!(outcome.contains("downstream_disconnect"), "{:?}", server.1);
+    assert!(server.1.end_time_unix_nano >= server.1.start_time_unix_nano + 250_000_000);
+    held.abort();
+}
+
 #[tokio::test]
 async fn ratio_zero_exports_nothing_for_unsampled_or_new_traces_but_still_propagates() {
     let (otlp, r) = receiver().await;

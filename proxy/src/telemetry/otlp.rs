@@ -363,7 +363,9 @@ mod tests {
             start: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + i),
             end: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_500_000_000 + i),
             attributes,
-            error: i.is_multiple_of(5).then(|| Cow::Owned(format!("upstream reset {i}"))),
+            error: i
+                .is_multiple_of(5)
+                .then(|| Cow::Owned(format!("upstream reset {i}"))),
         })
     }
 

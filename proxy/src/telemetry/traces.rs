@@ -177,7 +177,8 @@ fn new_span_id() -> SpanId {
 }
 
 /// A request's server span; attempts are its children. Dropped without `end` (the client
-/// went away), it is still exported, with what it had.
+/// went away), it is still exported, with what it had and `tern.outcome`
+/// `downstream_disconnect`.
 #[derive(Debug)]
 pub struct ServerSpan {
     tracing: Arc<Tracing>,
@@ -280,12 +281,19 @@ impl ServerSpan {
 }
 
 impl Drop for ServerSpan {
+    /// Dropped without `end`: the request was cancelled before its response began (the
+    /// client reset the stream or closed the connection). Exported so the wait shows.
     fn drop(&mut self) {
-        if let Sampling::Recording(r) = std::mem::replace(&mut self.kind, Sampling::Ended) {
+        if let Sampling::Recording(mut r) = std::mem::replace(&mut self.kind, Sampling::Ended) {
+            r.attributes
+                .push(KeyValue::new("tern.outcome", DOWNSTREAM_DISCONNECT));
             self.tracing.submit(r);
         }
     }
 }
+
+/// `tern.outcome` of a request whose client went away before the response.
+const DOWNSTREAM_DISCONNECT: &str = "downstream_disconnect";
 
 /// One upstream attempt's client span (`None` when the request is not sampled).
 #[derive(Debug)]
