@@ -37,6 +37,7 @@ pub mod snapshot;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod top;
 pub mod traffic;

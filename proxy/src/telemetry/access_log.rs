@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use crate::identity::SpiffeId;
+use crate::text;
 
 /// Records waiting for the writer; past this, new ones are dropped (and counted).
 pub const QUEUE: usize = 16 * 1024;
@@ -147,10 +148,6 @@ impl Record {
         self.duration = d;
     }
 
-    fn duration_ms(&self) -> f64 {
-        self.duration.as_secs_f64() * 1000.0
-    }
-
     /// One JSON object, written field by field into `out` (no intermediate value); optional
     /// fields that are absent are left out.
     pub fn write_json(&self, out: &mut String) {
@@ -158,9 +155,12 @@ impl Record {
         out.push_str(self.kind);
         out.push_str("\",\"start_time\":\"");
         write_rfc3339(self.start_time, out);
-        let _ = write!(out, "\",\"duration_ms\":{:.3}", self.duration_ms());
+        out.push_str("\",\"duration_ms\":");
+        text::push_millis(out, self.duration);
         json_field(out, "listener", &self.listener);
-        let _ = write!(out, ",\"client_ip\":\"{}\"", self.client_ip);
+        out.push_str(",\"client_ip\":\"");
+        text::push_ip(out, self.client_ip);
+        out.push('"');
         if let Some(m) = &self.method {
             json_field(out, "method", m.as_str());
         }
@@ -174,25 +174,30 @@ impl Record {
             json_field(out, "protocol", p);
         }
         if let Some(s) = self.status {
-            let _ = write!(out, ",\"status\":{s}");
+            out.push_str(",\"status\":");
+            text::push_u64(out, u64::from(s));
         }
         json_field(out, "response_flags", self.response_flags);
         if let Some(s) = &self.upstream_service {
             json_field(out, "upstream_service", s);
         }
         if let Some(e) = self.upstream_endpoint {
-            let _ = write!(out, ",\"upstream_endpoint\":\"{e}\"");
+            out.push_str(",\"upstream_endpoint\":\"");
+            text::push_socket_addr(out, e);
+            out.push('"');
         }
         if let Some(b) = self.bytes_received {
-            let _ = write!(out, ",\"bytes_received\":{b}");
+            out.push_str(",\"bytes_received\":");
+            text::push_u64(out, b);
         }
-        let _ = write!(
-            out,
-            ",\"bytes_sent\":{},\"retries\":{}",
-            self.bytes_sent, self.retries
-        );
+        out.push_str(",\"bytes_sent\":");
+        text::push_u64(out, self.bytes_sent);
+        out.push_str(",\"retries\":");
+        text::push_u64(out, u64::from(self.retries));
         if let Some(t) = self.trace_id {
-            let _ = write!(out, ",\"trace_id\":\"{t:032x}\"");
+            out.push_str(",\"trace_id\":\"");
+            text::push_hex_u128(out, t);
+            out.push('"');
         }
         if let Some(p) = &self.peer_identity {
             json_field(out, "peer_identity", p.as_str());
@@ -253,11 +258,18 @@ fn write_rfc3339(t: SystemTime, out: &mut String) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
-        since.subsec_millis()
-    );
+    for (n, width, after) in [
+        (year.max(0) as u64, 4, '-'),
+        (month as u64, 2, '-'),
+        (day as u64, 2, 'T'),
+        (hour, 2, ':'),
+        (minute, 2, ':'),
+        (second, 2, '.'),
+        (u64::from(since.subsec_millis()), 3, 'Z'),
+    ] {
+        text::push_padded(out, n, width);
+        out.push(after);
+    }
 }
 
 /// A parsed text template: literal text and `%FIELD%` placeholders.
@@ -364,14 +376,10 @@ impl Template {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => match f {
                     Field::StartTime => write_rfc3339(r.start_time, out),
-                    Field::Duration => {
-                        let _ = write!(out, "{:.3}", r.duration_ms());
-                    }
+                    Field::Duration => text::push_millis(out, r.duration),
                     Field::Kind => out.push_str(r.kind),
                     Field::Listener => out.push_str(&r.listener),
-                    Field::ClientIp => {
-                        let _ = write!(out, "{}", r.client_ip);
-                    }
+                    Field::ClientIp => text::push_ip(out, r.client_ip),
                     Field::Method => opt(out, r.method.as_ref().map(|m| m.as_str())),
                     Field::Authority => opt(out, r.authority.as_ref().map(|a| a.as_str())),
                     Field::Path => opt(out, r.path.as_ref().map(|p| p.as_str())),
@@ -381,16 +389,10 @@ impl Template {
                     Field::Service => opt(out, r.upstream_service.as_deref()),
                     Field::Endpoint => opt(out, r.upstream_endpoint),
                     Field::BytesReceived => opt(out, r.bytes_received),
-                    Field::BytesSent => {
-                        let _ = write!(out, "{}", r.bytes_sent);
-                    }
-                    Field::Retries => {
-                        let _ = write!(out, "{}", r.retries);
-                    }
+                    Field::BytesSent => text::push_u64(out, r.bytes_sent),
+                    Field::Retries => text::push_u64(out, u64::from(r.retries)),
                     Field::TraceId => match r.trace_id {
-                        Some(t) => {
-                            let _ = write!(out, "{t:032x}");
-                        }
+                        Some(t) => text::push_hex_u128(out, t),
                         None => out.push('-'),
                     },
                     Field::PeerIdentity => opt(out, r.peer_identity.as_ref().map(|p| p.as_str())),
