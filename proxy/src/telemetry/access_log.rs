@@ -219,7 +219,12 @@ fn json_field(out: &mut String, name: &str, value: &str) {
 /// client-controlled; a line must stay one valid JSON object whatever they hold).
 fn json_escape(value: &str, out: &mut String) {
     let mut rest = value;
-    while let Some(i) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+    // A byte scan: every byte to escape is ASCII, and ASCII bytes never occur inside a
+    // multi-byte UTF-8 sequence, so slicing at them stays on character boundaries.
+    while let Some(i) = rest
+        .bytes()
+        .position(|b| b == b'"' || b == b'\\' || b < b' ')
+    {
         out.push_str(&rest[..i]);
         match rest.as_bytes()[i] {
             b'"' => out.push_str("\\\""),
