@@ -17,7 +17,7 @@ use opentelemetry::{Array, KeyValue, Value};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message as _;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::traces::SpanRecord;
 
@@ -52,11 +52,18 @@ impl Exporter {
         resource: Vec<KeyValue>,
         scope: &'static str,
     ) -> Result<Exporter, String> {
-        let channel = Endpoint::from_shared(endpoint.to_string())
+        let mut channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("OTLP endpoint {endpoint}: {e}"))?
             .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy();
+            .timeout(timeout);
+        if endpoint.starts_with("https://") {
+            // A collector outside the mesh: its certificate is checked against the system's
+            // trust store (or the bundle `SSL_CERT_FILE` names).
+            channel = channel
+                .tls_config(ClientTlsConfig::new().with_native_roots())
+                .map_err(|e| format!("OTLP endpoint {endpoint}: TLS: {e}"))?;
+        }
+        let channel = channel.connect_lazy();
         Ok(Exporter {
             channel,
             timeout,
