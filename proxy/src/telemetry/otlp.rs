@@ -144,6 +144,58 @@ impl Decoder for ResponseDecoder {
     }
 }
 
+/// A span's attributes, already in wire form: each one a `Span.attributes` field (9) holding
+/// a `KeyValue`. Written once from borrowed text when the proxy knows it, so a sampled
+/// request allocates no `String` per attribute and frees none at export; the batch encoder
+/// copies the bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Attributes(Vec<u8>);
+
+impl Attributes {
+    pub fn with_capacity(bytes: usize) -> Attributes {
+        Attributes(Vec::with_capacity(bytes))
+    }
+
+    /// A string attribute.
+    pub fn str(&mut self, key: &str, value: &str) {
+        // AnyValue { string_value = 1 }
+        let any = 1 + varint_len(value.len() as u64) + value.len();
+        self.key_value(key, any);
+        tag(&mut self.0, 1, LEN);
+        varint(&mut self.0, value.len() as u64);
+        self.0.extend_from_slice(value.as_bytes());
+    }
+
+    /// An integer attribute.
+    pub fn int(&mut self, key: &str, value: i64) {
+        // AnyValue { int_value = 3 }: the two's complement as an unsigned varint.
+        let any = 1 + varint_len(value as u64);
+        self.key_value(key, any);
+        tag(&mut self.0, 3, VARINT);
+        varint(&mut self.0, value as u64);
+    }
+
+    /// The field and `KeyValue` headers and the key, for a value of `any` bytes.
+    fn key_value(&mut self, key: &str, any: usize) {
+        let kv = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any as u64) + any;
+        let out = &mut self.0;
+        tag(out, 9, LEN);
+        varint(out, kv as u64);
+        string(out, 1, key);
+        tag(out, 2, LEN);
+        varint(out, any as u64);
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn varint_len(v: u64) -> usize {
+    // 7 bits per byte; zero still takes one.
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 // Protobuf wire types.
 const VARINT: u32 = 0;
 const I64: u32 = 1;
@@ -199,9 +251,7 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
     varint(out, kind);
     fixed64(out, 7, unix_nanos(span.start));
     fixed64(out, 8, unix_nanos(span.end));
-    for kv in &span.attributes {
-        nested(out, 9, |out| key_value(out, kv));
-    }
+    out.extend_from_slice(span.attributes.as_bytes());
     if let Some(message) = &span.error {
         // Status { message = 2, code = 3 (ERROR = 2) }
         nested(out, 15, |out| {
@@ -322,7 +372,8 @@ mod tests {
     use std::borrow::Cow;
     use std::str::FromStr;
 
-    fn record(i: u64, long: bool) -> Box<SpanRecord> {
+    /// A record and the attributes it should decode to.
+    fn record(i: u64, long: bool) -> (Box<SpanRecord>, Vec<(String, Pv)>) {
         let state = if i.is_multiple_of(2) {
             TraceState::from_str("vendor=a,other=b").unwrap()
         } else {
@@ -333,23 +384,31 @@ mod tests {
         } else {
             TraceFlags::default()
         };
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", "GET"),
-            KeyValue::new("server.port", 8080_i64),
-            KeyValue::new("tern.negative", -5_i64),
-            KeyValue::new("tern.flag", true),
-            KeyValue::new("tern.ratio", 0.25),
-            KeyValue::new(
-                "tern.list",
-                Value::Array(Array::String(vec!["x".into(), "y".into()])),
-            ),
-            KeyValue::new("tern.ints", Value::Array(Array::I64(vec![1, -2, 300]))),
-        ];
+        let mut attributes = Attributes::default();
+        let mut want = Vec::new();
+        let mut str_attr = |a: &mut Attributes, k: &str, v: &str| {
+            a.str(k, v);
+            want.push((k.to_string(), Pv::StringValue(v.to_string())));
+        };
+        str_attr(&mut attributes, "http.request.method", "GET");
+        str_attr(&mut attributes, "", "");
+        str_attr(&mut attributes, "tern.endpoint", "127.0.0.1:8080");
         if long {
             // Past 127 and 16,383 bytes: two- and three-byte lengths at every level.
-            attributes.push(KeyValue::new("url.path", "p".repeat(20_000)));
+            str_attr(&mut attributes, "url.path", &"p".repeat(20_000));
+            str_attr(&mut attributes, &"k".repeat(200), &"v".repeat(130));
         }
-        Box::new(SpanRecord {
+        for (k, v) in [
+            ("server.port", 8080_i64),
+            ("zero", 0),
+            ("tern.negative", -5),
+            ("min", i64::MIN),
+            ("max", i64::MAX),
+        ] {
+            attributes.int(k, v);
+            want.push((k.to_string(), Pv::IntValue(v)));
+        }
+        let record = Box::new(SpanRecord {
             context: SpanContext::new(
                 TraceId::from(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10_u128 + u128::from(i)),
                 SpanId::from(0x1112_1314_1516_1718 + i),
@@ -373,30 +432,75 @@ mod tests {
             error: i
                 .is_multiple_of(5)
                 .then(|| Cow::Owned(format!("upstream reset {i}"))),
-        })
+        });
+        (record, want)
     }
 
     #[test]
     fn the_request_decodes_with_opentelemetry_proto() {
         for long in [false, true] {
-            let spans: Vec<_> = (0..40).map(|i| record(i, long && i == 7)).collect();
+            let (spans, wants): (Vec<_>, Vec<_>) =
+                (0..40).map(|i| record(i, long && i == 7)).unzip();
             let mut out = Vec::new();
-            let resource = vec![KeyValue::new("service.name", "web-sidecar")];
+            // Every value kind, through the generic KeyValue path of the resource.
+            let resource = vec![
+                KeyValue::new("service.name", "web-sidecar"),
+                KeyValue::new("flag", true),
+                KeyValue::new("ratio", 0.25),
+                KeyValue::new("count", -7_i64),
+                KeyValue::new(
+                    "list",
+                    Value::Array(Array::String(vec!["x".into(), "y".into()])),
+                ),
+                KeyValue::new("ints", Value::Array(Array::I64(vec![1, -2, 300]))),
+            ];
             encode_request(&mut out, &resource, "tern-proxy", &spans);
             let req = ExportTraceServiceRequest::decode(out.as_slice()).unwrap();
             assert_eq!(req.resource_spans.len(), 1);
             let rs = &req.resource_spans[0];
-            let res = rs.resource.as_ref().unwrap();
-            assert_eq!(res.attributes[0].key, "service.name");
+            let res: Vec<_> = rs
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.clone().unwrap().value.unwrap()))
+                .collect();
+            let list = |vs: Vec<Pv>| {
+                Pv::ArrayValue(opentelemetry_proto::tonic::common::v1::ArrayValue {
+                    values: vs
+                        .into_iter()
+                        .map(|v| opentelemetry_proto::tonic::common::v1::AnyValue {
+                            value: Some(v),
+                        })
+                        .collect(),
+                })
+            };
             assert_eq!(
-                res.attributes[0].value.as_ref().unwrap().value,
-                Some(Pv::StringValue("web-sidecar".into()))
+                res,
+                vec![
+                    ("service.name".into(), Pv::StringValue("web-sidecar".into())),
+                    ("flag".into(), Pv::BoolValue(true)),
+                    ("ratio".into(), Pv::DoubleValue(0.25)),
+                    ("count".into(), Pv::IntValue(-7)),
+                    (
+                        "list".into(),
+                        list(vec![
+                            Pv::StringValue("x".into()),
+                            Pv::StringValue("y".into())
+                        ])
+                    ),
+                    (
+                        "ints".into(),
+                        list(vec![Pv::IntValue(1), Pv::IntValue(-2), Pv::IntValue(300)])
+                    ),
+                ]
             );
             assert_eq!(rs.scope_spans.len(), 1);
             let ss = &rs.scope_spans[0];
             assert_eq!(ss.scope.as_ref().unwrap().name, "tern-proxy");
             assert_eq!(ss.spans.len(), spans.len());
-            for (got, want) in ss.spans.iter().zip(&spans) {
+            for ((got, want), want_attrs) in ss.spans.iter().zip(&spans).zip(&wants) {
                 let cx = &want.context;
                 assert_eq!(got.trace_id, cx.trace_id().to_bytes());
                 assert_eq!(got.span_id, cx.span_id().to_bytes());
@@ -423,33 +527,12 @@ mod tests {
                     }
                     None => assert!(got.status.is_none()),
                 }
-                assert_eq!(got.attributes.len(), want.attributes.len());
-                for (g, w) in got.attributes.iter().zip(&want.attributes) {
-                    assert_eq!(g.key, w.key.as_str());
-                    let v = g.value.as_ref().unwrap().value.as_ref().unwrap();
-                    match (&w.value, v) {
-                        (Value::String(s), Pv::StringValue(g)) => assert_eq!(s.as_str(), g),
-                        (Value::I64(i), Pv::IntValue(g)) => assert_eq!(i, g),
-                        (Value::Bool(b), Pv::BoolValue(g)) => assert_eq!(b, g),
-                        (Value::F64(f), Pv::DoubleValue(g)) => assert_eq!(f, g),
-                        (Value::Array(Array::String(s)), Pv::ArrayValue(g)) => {
-                            let g: Vec<_> =
-                                g.values.iter().map(|v| v.value.clone().unwrap()).collect();
-                            let s: Vec<_> = s
-                                .iter()
-                                .map(|s| Pv::StringValue(s.as_str().to_string()))
-                                .collect();
-                            assert_eq!(g, s);
-                        }
-                        (Value::Array(Array::I64(s)), Pv::ArrayValue(g)) => {
-                            let g: Vec<_> =
-                                g.values.iter().map(|v| v.value.clone().unwrap()).collect();
-                            let s: Vec<_> = s.iter().map(|i| Pv::IntValue(*i)).collect();
-                            assert_eq!(g, s);
-                        }
-                        other => panic!("mismatch {other:?}"),
-                    }
-                }
+                let got_attrs: Vec<_> = got
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), kv.value.clone().unwrap().value.unwrap()))
+                    .collect();
+                assert_eq!(&got_attrs, want_attrs);
             }
         }
     }
@@ -472,6 +555,7 @@ mod tests {
             let mut theirs = Vec::new();
             prost::encoding::encode_varint(v, &mut theirs);
             assert_eq!(mine, theirs, "{v}");
+            assert_eq!(varint_len(v), mine.len(), "{v}");
         }
     }
 }

@@ -21,6 +21,7 @@ use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, T
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
+pub use super::otlp::Attributes;
 use super::otlp::Exporter;
 
 /// Finished spans waiting for export; past this, new ones are dropped (and counted).
@@ -62,7 +63,7 @@ pub struct SpanRecord {
     pub name: Cow<'static, str>,
     pub start: SystemTime,
     pub end: SystemTime,
-    pub attributes: Vec<KeyValue>,
+    pub attributes: Attributes,
     /// Set when the span failed: the status message (status code ERROR).
     pub error: Option<Cow<'static, str>>,
 }
@@ -122,7 +123,7 @@ impl Tracing {
     pub fn server_span(
         self: &Arc<Self>,
         headers: &HeaderMap,
-        describe: impl FnOnce() -> (Cow<'static, str>, Vec<KeyValue>),
+        describe: impl FnOnce(&mut Attributes) -> Cow<'static, str>,
     ) -> ServerSpan {
         let parent = incoming_context(headers);
         let sampled = match &parent {
@@ -140,7 +141,9 @@ impl Tracing {
                 kind: Sampling::Unsampled(sc),
             };
         }
-        let (name, attributes) = describe();
+        // Room for a typical request's attributes and what `end` adds.
+        let mut attributes = Attributes::with_capacity(384);
+        let name = describe(&mut attributes);
         let now = SystemTime::now();
         let record = SpanRecord {
             context: SpanContext::new(trace_id, new_span_id(), TraceFlags::SAMPLED, false, state),
@@ -213,7 +216,7 @@ impl ServerSpan {
     pub fn attempt(
         &self,
         headers: &mut HeaderMap,
-        describe: impl FnOnce() -> (Cow<'static, str>, Vec<KeyValue>),
+        describe: impl FnOnce(&mut Attributes) -> Cow<'static, str>,
     ) -> AttemptSpan {
         match &self.kind {
             Sampling::Unsampled(sc) => {
@@ -222,7 +225,8 @@ impl ServerSpan {
             }
             Sampling::Ended => AttemptSpan { span: None },
             Sampling::Recording(server) => {
-                let (name, attributes) = describe();
+                let mut attributes = Attributes::with_capacity(256);
+                let name = describe(&mut attributes);
                 let cx = &server.context;
                 let now = SystemTime::now();
                 let record = SpanRecord {
@@ -252,9 +256,10 @@ impl ServerSpan {
         }
     }
 
-    pub fn set_attribute(&mut self, kv: KeyValue) {
+    /// Adds an integer attribute (after the start, e.g. the retry count).
+    pub fn set_int(&mut self, key: &str, value: i64) {
         if let Sampling::Recording(r) = &mut self.kind {
-            r.attributes.push(kv);
+            r.attributes.int(key, value);
         }
     }
 
@@ -263,17 +268,15 @@ impl ServerSpan {
         let Sampling::Recording(mut r) = std::mem::replace(&mut self.kind, Sampling::Ended) else {
             return;
         };
-        r.attributes.push(KeyValue::new(
-            "http.response.status_code",
-            i64::from(status),
-        ));
+        r.attributes
+            .int("http.response.status_code", i64::from(status));
         if outcome != "-" {
-            r.attributes
-                .push(KeyValue::new("tern.outcome", outcome.to_string()));
+            r.attributes.str("tern.outcome", outcome);
         }
         if status >= 500 {
-            r.attributes
-                .push(KeyValue::new("error.type", status.to_string()));
+            let mut code = String::with_capacity(3);
+            crate::text::push_u64(&mut code, u64::from(status));
+            r.attributes.str("error.type", &code);
             r.error = Some(Cow::Owned(outcome.to_string()));
         }
         self.tracing.submit(r);
@@ -285,8 +288,7 @@ impl Drop for ServerSpan {
     /// client reset the stream or closed the connection). Exported so the wait shows.
     fn drop(&mut self) {
         if let Sampling::Recording(mut r) = std::mem::replace(&mut self.kind, Sampling::Ended) {
-            r.attributes
-                .push(KeyValue::new("tern.outcome", DOWNSTREAM_DISCONNECT));
+            r.attributes.str("tern.outcome", DOWNSTREAM_DISCONNECT);
             self.tracing.submit(r);
         }
     }
@@ -307,16 +309,15 @@ impl AttemptSpan {
             return;
         };
         if let Some(s) = status {
-            r.attributes
-                .push(KeyValue::new("http.response.status_code", i64::from(s)));
+            r.attributes.int("http.response.status_code", i64::from(s));
             if s >= 500 {
-                r.attributes
-                    .push(KeyValue::new("error.type", s.to_string()));
+                let mut code = String::with_capacity(3);
+                crate::text::push_u64(&mut code, u64::from(s));
+                r.attributes.str("error.type", &code);
             }
         }
         if let Some(e) = error {
-            r.attributes
-                .push(KeyValue::new("error.type", e.to_string()));
+            r.attributes.str("error.type", e);
             r.error = Some(Cow::Owned(e.to_string()));
         }
         tracing.submit(r);
