@@ -3,7 +3,7 @@
 //! parent-based ratio sampling, export over OTLP/gRPC.
 //!
 //! A span is a plain record ([`SpanRecord`]): the ids and flags from `opentelemetry`'s
-//! types, a name, two timestamps and `KeyValue` attributes. It is built only for a sampled
+//! types, a name, two timestamps and attributes already in protobuf form. Built only for a sampled
 //! request. Export never touches the request path: a finished record goes into a bounded
 //! queue; a full queue drops it and counts it. One task batches the queue and sends it to
 //! the receiver ([`super::otlp`]); a collector that is down costs failed exports (counted),
