@@ -10,18 +10,7 @@ use std::time::Duration;
 
 /// `n` in decimal.
 pub fn push_u64(out: &mut String, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    push_ascii(out, &digits[i..]);
+    push_padded(out, n, 1);
 }
 
 /// `n` in decimal, left-padded with zeros to `width` digits.
@@ -88,13 +77,18 @@ pub fn push_millis(out: &mut String, d: Duration) {
 
 /// 32 lowercase hex digits (a trace id).
 pub fn push_hex_u128(out: &mut String, n: u128) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 32];
-    for (i, b) in n.to_be_bytes().into_iter().enumerate() {
-        hex[2 * i] = DIGITS[usize::from(b >> 4)];
-        hex[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
-    }
+    hex_into(&mut hex, &n.to_be_bytes());
     push_ascii(out, &hex);
+}
+
+/// `bytes` as lowercase hex into `out` (two digits per byte; `out` holds at least that).
+pub fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
 }
 
 fn push_ascii(out: &mut String, ascii: &[u8]) {

@@ -6,80 +6,18 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::trace::v1::Span;
+use support::otlp::Receiver;
 use support::*;
 
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<(String, Span)>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .map(|v| format!("{:?}", v.value))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    spans.push((service.clone(), span));
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
 async fn receiver() -> (SocketAddr, Receiver) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let r = Receiver::default();
-    let service = TraceServiceServer::new(r.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    (addr, r)
+    support::otlp::receiver(None).await
 }
 
 fn config(otlp: SocketAddr, ratio: f64, api: SocketAddr) -> String {
-    format!(
-        r#"
-telemetry:
-  tracing: {{ otlp_endpoint: "http://{otlp}", sample_ratio: {ratio}, service_name: web-sidecar }}
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    protocol: http
-    routes: [ {{ backends: [ {{ service: api }} ] }} ]
-services:
-  - name: api
-    protocol: http1
-    endpoints: [ {{ address: "{api}" }} ]
-"#
-    )
+    support::otlp::config(&format!("http://{otlp}"), ratio, api)
 }
 
 fn hex(bytes: &[u8]) -> String {

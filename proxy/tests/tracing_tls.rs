@@ -5,45 +5,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use support::*;
 
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<AtomicUsize>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let n: usize = request
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|rs| rs.scope_spans.iter())
-            .map(|ss| ss.spans.len())
-            .sum();
-        self.spans.fetch_add(n, Ordering::SeqCst);
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// A CA, and a receiver on 127.0.0.1 with a `localhost` certificate from it.
-async fn tls_receiver(dir: &TempDir) -> (SocketAddr, Receiver) {
+/// A CA written to `dir/ca.pem`, and a `localhost` identity from it for the receiver.
+fn tls_identity(dir: &TempDir) -> tonic::transport::Identity {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -55,27 +23,13 @@ async fn tls_receiver(dir: &TempDir) -> (SocketAddr, Receiver) {
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
-    let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let r = Receiver::default();
-    let service = TraceServiceServer::new(r.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .unwrap()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    (addr, r)
+    tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem())
 }
 
 #[tokio::test]
 async fn spans_reach_a_collector_over_tls() {
     let dir = TempDir::new("tern-otlp-tls");
-    let (otlp, r) = tls_receiver(&dir).await;
+    let (otlp, r) = otlp::receiver(Some(tls_identity(&dir))).await;
     // SAFETY: the only test in this binary, and nothing has read the environment for TLS
     // roots yet (the exporter loads them when the proxy starts, below).
     #[allow(unsafe_code)]
@@ -83,22 +37,10 @@ async fn spans_reach_a_collector_over_tls() {
         std::env::set_var("SSL_CERT_FILE", dir.0.join("ca.pem"));
     }
     let api = Upstream::start("api").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-telemetry:
-  tracing: {{ otlp_endpoint: "https://localhost:{port}", sample_ratio: 1.0 }}
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    protocol: http
-    routes: [ {{ backends: [ {{ service: api }} ] }} ]
-services:
-  - name: api
-    protocol: http1
-    endpoints: [ {{ address: "{api}" }} ]
-"#,
-        port = otlp.port(),
-        api = api.addr
+    let proxy = Proxy::start(&otlp::config(
+        &format!("https://localhost:{}", otlp.port()),
+        1.0,
+        api.addr,
     ))
     .await;
     let client = http1_client();
@@ -108,13 +50,13 @@ services:
     }
     // Five requests, a server and a client span each.
     for _ in 0..250 {
-        if r.spans.load(Ordering::SeqCst) >= 10 {
+        if r.spans.lock().unwrap().len() >= 10 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!(
         "{} spans over TLS, expected 10",
-        r.spans.load(Ordering::SeqCst)
+        r.spans.lock().unwrap().len()
     );
 }

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut, Bytes};
 use http::uri::PathAndQuery;
 use opentelemetry::trace::SpanKind;
-use opentelemetry::{Array, KeyValue, Value};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message as _;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -27,7 +26,8 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 pub struct Exporter {
     channel: Channel,
     timeout: Duration,
-    resource: Vec<KeyValue>,
+    /// `Resource.attributes`, encoded once: the `service.name`.
+    resource: Attributes,
     scope: &'static str,
     /// Reused between exports: a batch is encoded without growing a fresh buffer.
     buf: Vec<u8>,
@@ -49,7 +49,7 @@ impl Exporter {
     pub fn new(
         endpoint: &str,
         timeout: Duration,
-        resource: Vec<KeyValue>,
+        service_name: &str,
         scope: &'static str,
     ) -> Result<Exporter, String> {
         let mut channel = Endpoint::from_shared(endpoint.to_string())
@@ -67,7 +67,7 @@ impl Exporter {
         Ok(Exporter {
             channel,
             timeout,
-            resource,
+            resource: Attributes::resource(service_name),
             scope,
             buf: Vec::with_capacity(64 * 1024),
         })
@@ -144,16 +144,40 @@ impl Decoder for ResponseDecoder {
     }
 }
 
-/// A span's attributes, already in wire form: each one a `Span.attributes` field (9) holding
-/// a `KeyValue`. Written once from borrowed text when the proxy knows it, so a sampled
+/// Attributes already in wire form: each one a repeated `attributes` field (9 in a span, 1 in
+/// the resource) holding a `KeyValue`. Written once from borrowed text, so a sampled
 /// request allocates no `String` per attribute and frees none at export; the batch encoder
 /// copies the bytes.
-#[derive(Debug, Clone, Default)]
-pub struct Attributes(Vec<u8>);
+#[derive(Debug, Clone)]
+pub struct Attributes {
+    /// The repeated `KeyValue` field: 9 in `Span`, 1 in `Resource`.
+    field: u32,
+    bytes: Vec<u8>,
+}
+
+impl Default for Attributes {
+    fn default() -> Attributes {
+        Attributes::with_capacity(0)
+    }
+}
 
 impl Attributes {
+    /// A span's attributes, with room for `bytes`.
     pub fn with_capacity(bytes: usize) -> Attributes {
-        Attributes(Vec::with_capacity(bytes))
+        Attributes {
+            field: 9,
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// The resource's attributes: the service name.
+    fn resource(service_name: &str) -> Attributes {
+        let mut resource = Attributes {
+            field: 1,
+            bytes: Vec::new(),
+        };
+        resource.str("service.name", service_name);
+        resource
     }
 
     /// A string attribute.
@@ -161,9 +185,9 @@ impl Attributes {
         // AnyValue { string_value = 1 }
         let any = 1 + varint_len(value.len() as u64) + value.len();
         self.key_value(key, any);
-        tag(&mut self.0, 1, LEN);
-        varint(&mut self.0, value.len() as u64);
-        self.0.extend_from_slice(value.as_bytes());
+        tag(&mut self.bytes, 1, LEN);
+        varint(&mut self.bytes, value.len() as u64);
+        self.bytes.extend_from_slice(value.as_bytes());
     }
 
     /// An integer attribute.
@@ -171,15 +195,15 @@ impl Attributes {
         // AnyValue { int_value = 3 }: the two's complement as an unsigned varint.
         let any = 1 + varint_len(value as u64);
         self.key_value(key, any);
-        tag(&mut self.0, 3, VARINT);
-        varint(&mut self.0, value as u64);
+        tag(&mut self.bytes, 3, VARINT);
+        varint(&mut self.bytes, value as u64);
     }
 
     /// The field and `KeyValue` headers and the key, for a value of `any` bytes.
     fn key_value(&mut self, key: &str, any: usize) {
         let kv = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any as u64) + any;
-        let out = &mut self.0;
-        tag(out, 9, LEN);
+        let out = &mut self.bytes;
+        tag(out, self.field, LEN);
         varint(out, kv as u64);
         string(out, 1, key);
         tag(out, 2, LEN);
@@ -187,7 +211,7 @@ impl Attributes {
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
@@ -205,16 +229,14 @@ const I32: u32 = 5;
 /// `ExportTraceServiceRequest { resource_spans: [ { resource, scope_spans: [ { scope, spans } ] } ] }`.
 pub fn encode_request(
     out: &mut Vec<u8>,
-    resource: &[KeyValue],
+    resource: &Attributes,
     scope: &str,
     spans: &[Box<SpanRecord>],
 ) {
     nested(out, 1, |out| {
         // ResourceSpans.resource: Resource { attributes = 1 }
         nested(out, 1, |out| {
-            for kv in resource {
-                nested(out, 1, |out| key_value(out, kv));
-            }
+            out.extend_from_slice(resource.as_bytes());
         });
         // ResourceSpans.scope_spans
         nested(out, 2, |out| {
@@ -274,46 +296,6 @@ fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// `KeyValue { key = 1, value = 2 (AnyValue) }`.
-fn key_value(out: &mut Vec<u8>, kv: &KeyValue) {
-    string(out, 1, kv.key.as_str());
-    nested(out, 2, |out| any_value(out, &kv.value));
-}
-
-/// `AnyValue { string_value = 1, bool_value = 2, int_value = 3, double_value = 4,
-/// array_value = 5 (ArrayValue { values = 1 }) }`.
-fn any_value(out: &mut Vec<u8>, value: &Value) {
-    match value {
-        Value::String(s) => string(out, 1, s.as_str()),
-        Value::Bool(b) => {
-            tag(out, 2, VARINT);
-            varint(out, u64::from(*b));
-        }
-        Value::I64(i) => {
-            tag(out, 3, VARINT);
-            // int64 on the wire: the two's complement as an unsigned varint.
-            varint(out, *i as u64);
-        }
-        Value::F64(f) => fixed64(out, 4, f.to_bits()),
-        Value::Array(array) => nested(out, 5, |out| match array {
-            Array::Bool(v) => v
-                .iter()
-                .for_each(|b| nested(out, 1, |out| any_value(out, &Value::Bool(*b)))),
-            Array::I64(v) => v
-                .iter()
-                .for_each(|i| nested(out, 1, |out| any_value(out, &Value::I64(*i)))),
-            Array::F64(v) => v
-                .iter()
-                .for_each(|f| nested(out, 1, |out| any_value(out, &Value::F64(*f)))),
-            Array::String(v) => v
-                .iter()
-                .for_each(|s| nested(out, 1, |out| string(out, 1, s.as_str()))),
-            other => string(out, 1, &other.to_string()),
-        }),
-        other => string(out, 1, &other.to_string()),
-    }
 }
 
 fn tag(out: &mut Vec<u8>, field: u32, wire: u32) {
@@ -442,18 +424,7 @@ mod tests {
             let (spans, wants): (Vec<_>, Vec<_>) =
                 (0..40).map(|i| record(i, long && i == 7)).unzip();
             let mut out = Vec::new();
-            // Every value kind, through the generic KeyValue path of the resource.
-            let resource = vec![
-                KeyValue::new("service.name", "web-sidecar"),
-                KeyValue::new("flag", true),
-                KeyValue::new("ratio", 0.25),
-                KeyValue::new("count", -7_i64),
-                KeyValue::new(
-                    "list",
-                    Value::Array(Array::String(vec!["x".into(), "y".into()])),
-                ),
-                KeyValue::new("ints", Value::Array(Array::I64(vec![1, -2, 300]))),
-            ];
+            let resource = Attributes::resource("web-sidecar");
             encode_request(&mut out, &resource, "tern-proxy", &spans);
             let req = ExportTraceServiceRequest::decode(out.as_slice()).unwrap();
             assert_eq!(req.resource_spans.len(), 1);
@@ -466,35 +437,9 @@ mod tests {
                 .iter()
                 .map(|kv| (kv.key.clone(), kv.value.clone().unwrap().value.unwrap()))
                 .collect();
-            let list = |vs: Vec<Pv>| {
-                Pv::ArrayValue(opentelemetry_proto::tonic::common::v1::ArrayValue {
-                    values: vs
-                        .into_iter()
-                        .map(|v| opentelemetry_proto::tonic::common::v1::AnyValue {
-                            value: Some(v),
-                        })
-                        .collect(),
-                })
-            };
             assert_eq!(
                 res,
-                vec![
-                    ("service.name".into(), Pv::StringValue("web-sidecar".into())),
-                    ("flag".into(), Pv::BoolValue(true)),
-                    ("ratio".into(), Pv::DoubleValue(0.25)),
-                    ("count".into(), Pv::IntValue(-7)),
-                    (
-                        "list".into(),
-                        list(vec![
-                            Pv::StringValue("x".into()),
-                            Pv::StringValue("y".into())
-                        ])
-                    ),
-                    (
-                        "ints".into(),
-                        list(vec![Pv::IntValue(1), Pv::IntValue(-2), Pv::IntValue(300)])
-                    ),
-                ]
+                vec![("service.name".into(), Pv::StringValue("web-sidecar".into()))]
             );
             assert_eq!(rs.scope_spans.len(), 1);
             let ss = &rs.scope_spans[0];

@@ -3,8 +3,8 @@
 //! parent-based ratio sampling, export over OTLP/gRPC.
 //!
 //! A span is a plain record ([`SpanRecord`]): the ids and flags from `opentelemetry`'s
-//! types, a name, two timestamps and attributes already in protobuf form. Built only for a sampled
-//! request. Export never touches the request path: a finished record goes into a bounded
+//! types, a name, two timestamps and attributes already in protobuf form, built only for a
+//! sampled request. Export never touches the request path: a finished record goes into a bounded
 //! queue; a full queue drops it and counts it. One task batches the queue and sends it to
 //! the receiver ([`super::otlp`]); a collector that is down costs failed exports (counted),
 //! not latency.
@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
-use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
@@ -88,8 +87,12 @@ pub struct Tracing {
 impl Tracing {
     /// Builds the exporter and starts the export task (needs a tokio runtime).
     pub fn start(config: TracingConfig, counters: TraceCounters) -> Result<Tracing, String> {
-        let resource = vec![KeyValue::new("service.name", config.service_name.clone())];
-        let exporter = Exporter::new(&config.otlp_endpoint, EXPORT_TIMEOUT, resource, SCOPE)?;
+        let exporter = Exporter::new(
+            &config.otlp_endpoint,
+            EXPORT_TIMEOUT,
+            &config.service_name,
+            SCOPE,
+        )?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(tracing::Instrument::instrument(
             export_loop(rx, exporter, counters.clone()),
@@ -274,9 +277,7 @@ impl ServerSpan {
             r.attributes.str("tern.outcome", outcome);
         }
         if status >= 500 {
-            let mut code = String::with_capacity(3);
-            crate::text::push_u64(&mut code, u64::from(status));
-            r.attributes.str("error.type", &code);
+            error_status(&mut r.attributes, status);
             r.error = Some(Cow::Owned(outcome.to_string()));
         }
         self.tracing.submit(r);
@@ -292,6 +293,13 @@ impl Drop for ServerSpan {
             self.tracing.submit(r);
         }
     }
+}
+
+/// `error.type` of a 5xx response: its status code, as the HTTP conventions ask.
+fn error_status(attributes: &mut Attributes, status: u16) {
+    let mut code = String::with_capacity(3);
+    crate::text::push_u64(&mut code, u64::from(status));
+    attributes.str("error.type", &code);
 }
 
 /// `tern.outcome` of a request whose client went away before the response.
@@ -311,9 +319,7 @@ impl AttemptSpan {
         if let Some(s) = status {
             r.attributes.int("http.response.status_code", i64::from(s));
             if s >= 500 {
-                let mut code = String::with_capacity(3);
-                crate::text::push_u64(&mut code, u64::from(s));
-                r.attributes.str("error.type", &code);
+                error_status(&mut r.attributes, s);
             }
         }
         if let Some(e) = error {
@@ -455,13 +461,7 @@ fn is_b3(name: &HeaderName) -> bool {
 
 /// `00-{trace id}-{span id}-{flags}` in lowercase hex: 55 bytes.
 fn traceparent_bytes(sc: &SpanContext) -> [u8; 55] {
-    fn hex(out: &mut [u8], bytes: &[u8]) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0x0f)];
-        }
-    }
+    use crate::text::hex_into as hex;
     let mut out = [b'-'; 55];
     out[0] = b'0';
     out[1] = b'0';

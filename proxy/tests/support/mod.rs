@@ -2,6 +2,8 @@
 //! the proxy binary as a child process, and small HTTP clients.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod otlp;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
