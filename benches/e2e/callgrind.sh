@@ -26,7 +26,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    [ -n "${KEEP:-}" ] || rm -rf "$TMP"
+    if [ -n "${KEEP:-}" ]; then echo "outputs kept in $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 
@@ -89,7 +89,7 @@ EOF
 
 # Total instructions of one proxy run serving $3 requests.
 count() { # bin, config file, requests
-    local out="$TMP/cg.$RANDOM.out"
+    local out="$TMP/cg.$(basename "$1").$(basename "$2" .yaml).$3.out"
     valgrind --tool=callgrind --callgrind-out-file="$out" "$1" --config "$2" >"$TMP/proxy.out" 2>&1 &
     local pid=$!
     for _ in $(seq 600); do

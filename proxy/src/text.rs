@@ -13,22 +13,42 @@ pub fn push_u64(out: &mut String, n: u64) {
     push_padded(out, n, 1);
 }
 
-/// `n` in decimal, left-padded with zeros to `width` digits.
+/// `n` in decimal, left-padded with zeros to `width` digits (at most 20).
+///
+/// Two digits per division through a table, and pushed as `char`s: an access log line has a
+/// dozen numbers, most of them one to four digits, where the generic path (a digit per
+/// division, then a UTF-8 check of the digits) was a fifth of the line's cost.
 pub fn push_padded(out: &mut String, n: u64, width: usize) {
     let mut digits = [b'0'; 20];
     let mut i = digits.len();
     let mut n = n;
-    loop {
+    while n >= 100 {
+        let pair = usize::try_from(n % 100).unwrap_or(0) * 2;
+        n /= 100;
+        i -= 2;
+        digits[i] = PAIRS[pair];
+        digits[i + 1] = PAIRS[pair + 1];
+    }
+    if n >= 10 {
+        let pair = usize::try_from(n).unwrap_or(0) * 2;
+        i -= 2;
+        digits[i] = PAIRS[pair];
+        digits[i + 1] = PAIRS[pair + 1];
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     let start = i.min(digits.len().saturating_sub(width));
     push_ascii(out, &digits[start..]);
 }
+
+/// "00" to "99", two bytes each.
+const PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
 
 /// An address as `Display` writes it: IPv4 by hand, IPv6 (rare here) through `Display`.
 pub fn push_ip(out: &mut String, ip: IpAddr) {
@@ -79,7 +99,8 @@ pub fn push_millis(out: &mut String, d: Duration) {
 pub fn push_hex_u128(out: &mut String, n: u128) {
     let mut hex = [0u8; 32];
     hex_into(&mut hex, &n.to_be_bytes());
-    push_ascii(out, &hex);
+    // 32 bytes: here one validation pass is cheaper than 32 `char` pushes.
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// `bytes` as lowercase hex into `out` (two digits per byte; `out` holds at least that).
@@ -92,10 +113,11 @@ pub fn hex_into(out: &mut [u8], bytes: &[u8]) {
 }
 
 fn push_ascii(out: &mut String, ascii: &[u8]) {
-    // Only ASCII digits and hex digits reach here, so the check always passes; it is a few
-    // instructions for these lengths, where pushing char by char re-encodes each as UTF-8.
-    if let Ok(text) = std::str::from_utf8(ascii) {
-        out.push_str(text);
+    // Only ASCII digits and hex digits reach here. A `char` push of an ASCII byte is a
+    // length check and a store, cheaper for these short runs than `str::from_utf8`.
+    out.reserve(ascii.len());
+    for &b in ascii {
+        out.push(char::from(b));
     }
 }
 

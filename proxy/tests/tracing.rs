@@ -90,6 +90,14 @@ async fn spans_continue_the_clients_trace_and_the_upstream_sees_the_proxys_span(
     assert!(attr(&server.1, "http.response.status_code").contains("200"));
     assert!(attr(&client.1, "tern.service").contains("api"));
     assert!(attr(&client.1, "tern.endpoint").contains(&api.addr.to_string()));
+    assert_eq!(
+        attr(&client.1, "server.address"),
+        format!("Some(StringValue({:?}))", api.addr.ip().to_string())
+    );
+    assert_eq!(
+        attr(&client.1, "server.port"),
+        format!("Some(IntValue({}))", api.addr.port())
+    );
 }
 
 /// The client gives up while the upstream is still silent: both spans are exported anyway,

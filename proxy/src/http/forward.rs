@@ -32,7 +32,7 @@ use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe
 use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
 use crate::telemetry::access_log::{self, AccessLog, Flag, Record};
-use crate::telemetry::traces::{AttemptSpan, ServerSpan, Tracing};
+use crate::telemetry::traces::{self, AttemptSpan, ServerSpan, Tracing};
 
 /// What one downstream connection needs to serve requests.
 #[derive(Debug)]
@@ -169,7 +169,12 @@ pub struct LogSlot {
 }
 
 impl LogSlot {
-    fn new(log: Arc<AccessLog>, ctx: &ConnContext, req: &Request<Incoming>) -> Self {
+    fn new(
+        log: Arc<AccessLog>,
+        ctx: &ConnContext,
+        req: &Request<Incoming>,
+        span: Option<&ServerSpan>,
+    ) -> Self {
         let mut record = Record::new("http", Arc::clone(&ctx.listener), ctx.client);
         record.method = Some(req.method().clone());
         record.authority = match req.uri().authority() {
@@ -188,13 +193,17 @@ impl LogSlot {
         });
         record.bytes_received = Some(req.body().size_hint().exact().unwrap_or(0));
         record.peer_identity = ctx.peer.clone();
-        record.trace_id = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split('-').nth(1))
-            .filter(|id| id.len() == 32)
-            .and_then(|id| u128::from_str_radix(id, 16).ok());
+        record.trace_id = match span {
+            Some(span) => Some(u128::from_be_bytes(span.trace_id().to_bytes())),
+            // Tracing off: the trace id the client sent, if any, still joins the line to it.
+            None => req
+                .headers()
+                .get(&traces::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split('-').nth(1))
+                .filter(|id| id.len() == 32)
+                .and_then(|id| u128::from_str_radix(id, 16).ok()),
+        };
         LogSlot { log, record }
     }
 
@@ -223,10 +232,7 @@ pub async fn handle(
         )
     };
     let mut span = tracer.map(|t| server_span(&t, &ctx, &req));
-    let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req));
-    if let (Some(slot), Some(span)) = (slot.as_mut(), span.as_ref()) {
-        slot.record.trace_id = Some(u128::from_be_bytes(span.trace_id().to_bytes()));
-    }
+    let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req, span.as_ref()));
     let Some(listener) = listener else {
         let reason = format!("listener {} was removed\n", ctx.listener);
         let refused =
@@ -945,16 +951,17 @@ fn attempt_span(
 ) -> AttemptSpan {
     span.attempt(headers, |a| {
         let addr = endpoint.state.addr;
-        // ip, then ip:port, in one buffer (written without core::fmt).
-        let mut text = String::with_capacity(48);
-        crate::text::push_ip(&mut text, addr.ip());
-        let ip_len = text.len();
-        crate::text::push_socket_addr(&mut text, addr);
+        // `ip:port` (or `[ip]:port`) written once, without core::fmt; the ip is its prefix.
+        let mut endpoint = String::with_capacity(48);
+        crate::text::push_socket_addr(&mut endpoint, addr);
+        let ip = endpoint.rsplit_once(':').map_or("", |(ip, _)| {
+            ip.trim_start_matches('[').trim_end_matches(']')
+        });
         a.str("http.request.method", method.as_str());
-        a.str("server.address", &text[..ip_len]);
+        a.str("server.address", ip);
         a.int("server.port", i64::from(addr.port()));
         a.str("tern.service", &service.config.name);
-        a.str("tern.endpoint", &text[ip_len..]);
+        a.str("tern.endpoint", &endpoint);
         if retries > 0 {
             a.int("http.request.resend_count", i64::from(retries));
         }

@@ -149,41 +149,44 @@ impl Record {
     }
 
     /// One JSON object, written field by field into `out` (no intermediate value); optional
-    /// fields that are absent are left out.
-    pub fn write_json(&self, out: &mut String) {
+    /// fields that are absent are left out. Each field's `,"name":` is one literal, and
+    /// values the proxy itself chose (method tokens, protocol, flags) are not scanned for
+    /// escapes: a line is a few dozen short copies.
+    pub fn write_json(&self, memo: &mut Memo, out: &mut String) {
         out.push_str("{\"kind\":\"");
         out.push_str(self.kind);
         out.push_str("\",\"start_time\":\"");
-        write_rfc3339(self.start_time, out);
+        memo.clock.write(self.start_time, out);
         out.push_str("\",\"duration_ms\":");
         text::push_millis(out, self.duration);
-        json_field(out, "listener", &self.listener);
+        json_str(out, ",\"listener\":\"", &self.listener);
         out.push_str(",\"client_ip\":\"");
-        text::push_ip(out, self.client_ip);
+        memo.ips.push(self.client_ip, out);
         out.push('"');
         if let Some(m) = &self.method {
-            json_field(out, "method", m.as_str());
+            // A method is an HTTP token: no character a JSON string must escape.
+            json_raw(out, ",\"method\":\"", m.as_str());
         }
         if let Some(a) = &self.authority {
-            json_field(out, "authority", a.as_str());
+            json_str(out, ",\"authority\":\"", a.as_str());
         }
         if let Some(p) = &self.path {
-            json_field(out, "path", p.as_str());
+            json_str(out, ",\"path\":\"", p.as_str());
         }
         if let Some(p) = self.protocol {
-            json_field(out, "protocol", p);
+            json_raw(out, ",\"protocol\":\"", p);
         }
         if let Some(s) = self.status {
             out.push_str(",\"status\":");
             text::push_u64(out, u64::from(s));
         }
-        json_field(out, "response_flags", self.response_flags);
+        json_raw(out, ",\"response_flags\":\"", self.response_flags);
         if let Some(s) = &self.upstream_service {
-            json_field(out, "upstream_service", s);
+            json_str(out, ",\"upstream_service\":\"", s);
         }
         if let Some(e) = self.upstream_endpoint {
             out.push_str(",\"upstream_endpoint\":\"");
-            text::push_socket_addr(out, e);
+            memo.endpoints.push(e, out);
             out.push('"');
         }
         if let Some(b) = self.bytes_received {
@@ -200,19 +203,29 @@ impl Record {
             out.push('"');
         }
         if let Some(p) = &self.peer_identity {
-            json_field(out, "peer_identity", p.as_str());
+            json_str(out, ",\"peer_identity\":\"", p.as_str());
         }
         out.push('}');
     }
 }
 
-/// `,"name":"value"` with the value escaped as a JSON string.
-fn json_field(out: &mut String, name: &str, value: &str) {
-    out.push_str(",\"");
+/// `,"name":"` then `value` escaped as a JSON string, then the closing quote.
+fn json_str(out: &mut String, name: &str, value: &str) {
     out.push_str(name);
-    out.push_str("\":\"");
     json_escape(value, out);
     out.push('"');
+}
+
+/// As [`json_str`] for a value known to need no escaping (chosen by the proxy or a token).
+fn json_raw(out: &mut String, name: &str, value: &str) {
+    debug_assert!(!value.bytes().any(needs_escape), "{value:?}");
+    out.push_str(name);
+    out.push_str(value);
+    out.push('"');
+}
+
+fn needs_escape(b: u8) -> bool {
+    b == b'"' || b == b'\\' || b < b' '
 }
 
 /// JSON string escaping: quotes, backslashes and control characters (paths and hosts are
@@ -221,10 +234,7 @@ fn json_escape(value: &str, out: &mut String) {
     let mut rest = value;
     // A byte scan: every byte to escape is ASCII, and ASCII bytes never occur inside a
     // multi-byte UTF-8 sequence, so slicing at them stays on character boundaries.
-    while let Some(i) = rest
-        .bytes()
-        .position(|b| b == b'"' || b == b'\\' || b < b' ')
-    {
+    while let Some(i) = rest.bytes().position(needs_escape) {
         out.push_str(&rest[..i]);
         match rest.as_bytes()[i] {
             b'"' => out.push_str("\\\""),
@@ -241,16 +251,122 @@ fn json_escape(value: &str, out: &mut String) {
     out.push_str(rest);
 }
 
+/// What the writer remembers between lines: the text of the current second and of recent
+/// addresses. A log's lines mostly share their second and repeat a few clients and
+/// endpoints, and formatting those was half of a line's cost.
+#[derive(Debug, Default)]
+pub struct Memo {
+    clock: Clock,
+    ips: AddrMemo<IpAddr>,
+    endpoints: AddrMemo<SocketAddr>,
+}
+
+/// Addresses whose text was written lately, in a small direct-mapped table (a miss formats
+/// and replaces; the table never grows).
+#[derive(Debug)]
+struct AddrMemo<A> {
+    slots: Vec<(Option<A>, String)>,
+}
+
+/// Slots per table: a sidecar's recent peers or a service's endpoints.
+const ADDR_SLOTS: usize = 64;
+
+impl<A> Default for AddrMemo<A> {
+    fn default() -> Self {
+        AddrMemo {
+            slots: (0..ADDR_SLOTS).map(|_| (None, String::new())).collect(),
+        }
+    }
+}
+
+/// An address the memo can key on: a cheap slot index and its text.
+trait Addr: Copy + Eq {
+    fn slot(&self) -> usize;
+    fn write(&self, out: &mut String);
+}
+
+/// A multiplicative hash of the address's integer form, top bits as the slot.
+fn mix(n: u64) -> usize {
+    let top = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - ADDR_SLOTS.trailing_zeros());
+    usize::try_from(top).unwrap_or(0)
+}
+
+fn ip_bits(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let n = u128::from(v6);
+            (n >> 64) as u64 ^ n as u64
+        }
+    }
+}
+
+impl Addr for IpAddr {
+    fn slot(&self) -> usize {
+        mix(ip_bits(*self))
+    }
+    fn write(&self, out: &mut String) {
+        text::push_ip(out, *self);
+    }
+}
+
+impl Addr for SocketAddr {
+    fn slot(&self) -> usize {
+        mix(ip_bits(self.ip()) ^ u64::from(self.port()) << 40)
+    }
+    fn write(&self, out: &mut String) {
+        text::push_socket_addr(out, *self);
+    }
+}
+
+impl<A: Addr> AddrMemo<A> {
+    fn push(&mut self, addr: A, out: &mut String) {
+        let Some((key, text)) = self.slots.get_mut(addr.slot()) else {
+            addr.write(out);
+            return;
+        };
+        if *key != Some(addr) {
+            text.clear();
+            addr.write(text);
+            *key = Some(addr);
+        }
+        out.push_str(text);
+    }
+}
+
+/// Start times as RFC 3339 text, the date and time of day computed once per second: the
+/// lines of a batch mostly share their second, and only the milliseconds differ.
+#[derive(Debug, Default)]
+pub struct Clock {
+    second: Option<u64>,
+    /// `2026-11-24T23:30:05.` of `second`.
+    prefix: String,
+}
+
+impl Clock {
+    fn write(&mut self, t: SystemTime, out: &mut String) {
+        let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        if self.second != Some(secs) {
+            self.prefix.clear();
+            write_date_time(secs, &mut self.prefix);
+            self.second = Some(secs);
+        }
+        out.push_str(&self.prefix);
+        text::push_padded(out, u64::from(since.subsec_millis()), 3);
+        out.push('Z');
+    }
+}
+
 /// `2026-11-24T23:30:05.123Z` (UTC, milliseconds), without a date-time dependency.
 pub fn format_rfc3339(t: SystemTime) -> String {
     let mut out = String::with_capacity(24);
-    write_rfc3339(t, &mut out);
+    Clock::default().write(t, &mut out);
     out
 }
 
-fn write_rfc3339(t: SystemTime, out: &mut String) {
-    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
+/// `2026-11-24T23:30:05.` for `secs` since the Unix epoch.
+fn write_date_time(secs: u64, out: &mut String) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -270,7 +386,6 @@ fn write_rfc3339(t: SystemTime, out: &mut String) {
         (hour, 2, ':'),
         (minute, 2, ':'),
         (second, 2, '.'),
-        (u64::from(since.subsec_millis()), 3, 'Z'),
     ] {
         text::push_padded(out, n, width);
         out.push(after);
@@ -367,12 +482,13 @@ impl Template {
         Ok(Template { parts })
     }
 
-    pub fn render(&self, r: &Record, out: &mut String) {
-        fn opt<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
+    pub fn render(&self, r: &Record, memo: &mut Memo, out: &mut String) {
+        fn opt(out: &mut String, v: Option<&str>) {
+            out.push_str(v.unwrap_or("-"));
+        }
+        fn opt_u64(out: &mut String, v: Option<u64>) {
             match v {
-                Some(v) => {
-                    let _ = write!(out, "{v}");
-                }
+                Some(v) => text::push_u64(out, v),
                 None => out.push('-'),
             }
         }
@@ -380,20 +496,23 @@ impl Template {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => match f {
-                    Field::StartTime => write_rfc3339(r.start_time, out),
+                    Field::StartTime => memo.clock.write(r.start_time, out),
                     Field::Duration => text::push_millis(out, r.duration),
                     Field::Kind => out.push_str(r.kind),
                     Field::Listener => out.push_str(&r.listener),
-                    Field::ClientIp => text::push_ip(out, r.client_ip),
+                    Field::ClientIp => memo.ips.push(r.client_ip, out),
                     Field::Method => opt(out, r.method.as_ref().map(|m| m.as_str())),
                     Field::Authority => opt(out, r.authority.as_ref().map(|a| a.as_str())),
                     Field::Path => opt(out, r.path.as_ref().map(|p| p.as_str())),
                     Field::Protocol => opt(out, r.protocol),
-                    Field::Status => opt(out, r.status),
+                    Field::Status => opt_u64(out, r.status.map(u64::from)),
                     Field::Flags => out.push_str(r.response_flags),
                     Field::Service => opt(out, r.upstream_service.as_deref()),
-                    Field::Endpoint => opt(out, r.upstream_endpoint),
-                    Field::BytesReceived => opt(out, r.bytes_received),
+                    Field::Endpoint => match r.upstream_endpoint {
+                        Some(e) => memo.endpoints.push(e, out),
+                        None => out.push('-'),
+                    },
+                    Field::BytesReceived => opt_u64(out, r.bytes_received),
                     Field::BytesSent => text::push_u64(out, r.bytes_sent),
                     Field::Retries => text::push_u64(out, u64::from(r.retries)),
                     Field::TraceId => match r.trace_id {
@@ -409,10 +528,10 @@ impl Template {
 
 impl LogFormat {
     /// Appends one line, newline included.
-    pub fn render_into(&self, r: &Record, out: &mut String) {
+    pub fn render_into(&self, r: &Record, memo: &mut Memo, out: &mut String) {
         match self {
-            LogFormat::Json => r.write_json(out),
-            LogFormat::Text(t) => t.render(r, out),
+            LogFormat::Json => r.write_json(memo, out),
+            LogFormat::Text(t) => t.render(r, memo, out),
         }
         out.push('\n');
     }
@@ -420,7 +539,7 @@ impl LogFormat {
     /// One line, newline included.
     pub fn render(&self, r: &Record) -> String {
         let mut out = String::with_capacity(256);
-        self.render_into(r, &mut out);
+        self.render_into(r, &mut Memo::default(), &mut out);
         out
     }
 }
@@ -508,6 +627,7 @@ async fn writer(config: AccessLogConfig, mut rx: mpsc::Receiver<Record>, counter
         LogPath::Stdout => None,
     };
     let mut batch = String::with_capacity(64 * 1024);
+    let mut memo = Memo::default();
     let mut backlog = false;
     loop {
         let record = tokio::select! {
@@ -533,12 +653,12 @@ async fn writer(config: AccessLogConfig, mut rx: mpsc::Receiver<Record>, counter
             tokio::time::sleep(GATHER).await;
         }
         batch.clear();
-        config.format.render_into(&record, &mut batch);
+        config.format.render_into(&record, &mut memo, &mut batch);
         let mut lines = 1;
         while lines < BATCH_LINES
             && let Ok(more) = rx.try_recv()
         {
-            config.format.render_into(&more, &mut batch);
+            config.format.render_into(&more, &mut memo, &mut batch);
             lines += 1;
         }
         backlog = lines == BATCH_LINES;
@@ -617,7 +737,7 @@ mod tests {
         r.trace_id = Some(0x4bf92f3577b34da6a3ce929d0e0e4736);
         r.upstream_endpoint = Some("127.0.0.1:9".parse().unwrap());
         let mut line = String::new();
-        r.write_json(&mut line);
+        r.write_json(&mut Memo::default(), &mut line);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["authority"], "a\"b\\c\td");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -643,6 +763,41 @@ mod tests {
         // A leap day.
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(format_rfc3339(t), "2000-02-29T00:00:00.000Z");
+        // One clock across seconds, back and forth: the cached second is never stale.
+        let mut clock = Clock::default();
+        let base = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_027_005_123);
+        let mut out = String::new();
+        for ms in [0, 5, 877, 878, 60_000, 0, 86_400_000] {
+            let t = base + Duration::from_millis(ms);
+            out.clear();
+            clock.write(t, &mut out);
+            assert_eq!(out, format_rfc3339(t), "+{ms} ms");
+        }
+    }
+
+    #[test]
+    fn remembered_addresses_are_never_another_addresses_text() {
+        let mut memo = Memo::default();
+        let mut rng = fastrand::Rng::with_seed(11);
+        // Few enough distinct addresses that slots are hit again, many enough that they collide.
+        let addrs: Vec<SocketAddr> = (0..200)
+            .map(|i| match i % 4 {
+                0 => SocketAddr::from(([10, 0, 0, rng.u8(..4)], 8080)),
+                1 => SocketAddr::from(([10, 0, rng.u8(..), rng.u8(..)], rng.u16(..))),
+                2 => SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, rng.u16(..8)], 443)),
+                _ => SocketAddr::from(([127, 0, 0, 1], rng.u16(..3))),
+            })
+            .collect();
+        for _ in 0..5 {
+            for a in &addrs {
+                let mut out = String::from("x");
+                memo.endpoints.push(*a, &mut out);
+                assert_eq!(out, format!("x{a}"));
+                let mut out = String::new();
+                memo.ips.push(a.ip(), &mut out);
+                assert_eq!(out, a.ip().to_string());
+            }
+        }
     }
 
     #[test]
@@ -663,7 +818,7 @@ mod tests {
         let t =
             Template::parse("%METHOD% %PATH% -> %STATUS% (%RESPONSE_FLAGS%) %TRACE_ID%").unwrap();
         let mut out = String::new();
-        t.render(&record(), &mut out);
+        t.render(&record(), &mut Memo::default(), &mut out);
         assert_eq!(out, "GET /v1/x -> 503 (upstream_connect_failure) -");
         assert!(Template::parse(DEFAULT_TEMPLATE).is_ok());
         let e = Template::parse("%METHOD% %NOPE%").unwrap_err();

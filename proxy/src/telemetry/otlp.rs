@@ -29,8 +29,8 @@ pub struct Exporter {
     /// `Resource.attributes`, encoded once: the `service.name`.
     resource: Attributes,
     scope: &'static str,
-    /// Reused between exports: a batch is encoded without growing a fresh buffer.
-    buf: Vec<u8>,
+    /// The size of the last batch: the next buffer starts at about that capacity.
+    last_len: usize,
 }
 
 /// Why an export did not deliver every span.
@@ -69,15 +69,17 @@ impl Exporter {
             timeout,
             resource: Attributes::resource(service_name),
             scope,
-            buf: Vec::with_capacity(64 * 1024),
+            last_len: 64 * 1024,
         })
     }
 
     /// Sends one batch; `Ok` means the receiver took every span.
     pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
-        self.buf.clear();
-        encode_request(&mut self.buf, &self.resource, self.scope, spans);
-        let body = Bytes::copy_from_slice(&self.buf);
+        // Encoded into a buffer sized like the last one and handed to tonic whole (no copy).
+        let mut buf = Vec::with_capacity(self.last_len + self.last_len / 4);
+        encode_request(&mut buf, &self.resource, self.scope, spans);
+        self.last_len = buf.len();
+        let body = Bytes::from(buf);
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         grpc.ready()
             .await
@@ -185,8 +187,10 @@ impl Attributes {
         // AnyValue { string_value = 1 }
         let any = 1 + varint_len(value.len() as u64) + value.len();
         self.key_value(key, any);
-        tag(&mut self.bytes, 1, LEN);
-        varint(&mut self.bytes, value.len() as u64);
+        let mut head = [0u8; 11];
+        head[0] = (1 << 3) | LEN as u8;
+        let n = 1 + varint_into_at(&mut head, 1, value.len() as u64);
+        self.bytes.extend_from_slice(&head[..n]);
         self.bytes.extend_from_slice(value.as_bytes());
     }
 
@@ -195,19 +199,39 @@ impl Attributes {
         // AnyValue { int_value = 3 }: the two's complement as an unsigned varint.
         let any = 1 + varint_len(value as u64);
         self.key_value(key, any);
-        tag(&mut self.bytes, 3, VARINT);
-        varint(&mut self.bytes, value as u64);
+        let mut head = [0u8; 11];
+        head[0] = (3 << 3) | VARINT as u8;
+        let mut v = value as u64;
+        let mut n = 1;
+        while v >= 0x80 {
+            head[n] = (v as u8 & 0x7f) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        head[n] = v as u8;
+        self.bytes.extend_from_slice(&head[..=n]);
     }
 
-    /// The field and `KeyValue` headers and the key, for a value of `any` bytes.
+    /// The field and `KeyValue` headers and the key, for a value of `any` bytes: assembled
+    /// on the stack and appended in two copies (the header fields are one or two bytes
+    /// each; pushing them one by one was most of an attribute's cost).
     fn key_value(&mut self, key: &str, any: usize) {
         let kv = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any as u64) + any;
-        let out = &mut self.bytes;
-        tag(out, self.field, LEN);
-        varint(out, kv as u64);
-        string(out, 1, key);
-        tag(out, 2, LEN);
-        varint(out, any as u64);
+        // Two tags and two varints of at most ten bytes each.
+        let mut head = [0u8; 22];
+        let mut n = varint_into_at(&mut head, 0, u64::from((self.field << 3) | LEN));
+        n += varint_into_at(&mut head, n, kv as u64);
+        head[n] = (1 << 3) | LEN as u8;
+        n += 1;
+        n += varint_into_at(&mut head, n, key.len() as u64);
+        self.bytes.reserve(n + key.len() + 4 + any);
+        self.bytes.extend_from_slice(&head[..n]);
+        self.bytes.extend_from_slice(key.as_bytes());
+        // KeyValue.value: AnyValue, whose header the caller's value follows.
+        let mut tail = [0u8; 11];
+        tail[0] = (2 << 3) | LEN as u8;
+        let m = 1 + varint_into_at(&mut tail, 1, any as u64);
+        self.bytes.extend_from_slice(&tail[..m]);
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -310,6 +334,23 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// `v` as a varint into `buf` from `at` (the callers' buffers leave room for ten bytes);
+/// returns its length.
+fn varint_into_at(buf: &mut [u8], at: usize, mut v: u64) -> usize {
+    let mut n = at;
+    while v >= 0x80 {
+        if let Some(b) = buf.get_mut(n) {
+            *b = (v as u8 & 0x7f) | 0x80;
+        }
+        v >>= 7;
+        n += 1;
+    }
+    if let Some(b) = buf.get_mut(n) {
+        *b = v as u8;
+    }
+    n + 1 - at
+}
+
 fn bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
     tag(out, field, LEN);
     varint(out, data.len() as u64);
@@ -327,8 +368,9 @@ fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
 
 /// A length-delimited field whose content `write` appends. The length is only known after,
 /// so one byte is set aside for it (enough below 128 bytes: every attribute and value); a
-/// longer message moves its content right by the extra length bytes, once. That is cheaper
-/// than computing every nested length before writing, as prost does for each level.
+/// longer message (a span) moves its content right by the extra length bytes, in place.
+/// That is cheaper than computing every nested length before writing, as prost does for
+/// each level.
 fn nested(out: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
     tag(out, field, LEN);
     let at = out.len();
@@ -339,9 +381,12 @@ fn nested(out: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
         out[at] = len as u8;
         return;
     }
-    let mut head = Vec::with_capacity(10);
-    varint(&mut head, len as u64);
-    out.splice(at..=at, head);
+    let mut head = [0u8; 10];
+    let n = varint_into_at(&mut head, 0, len as u64);
+    let end = out.len();
+    out.resize(end + n - 1, 0);
+    out.copy_within(at + 1..end, at + n);
+    out[at..at + n].copy_from_slice(&head[..n]);
 }
 
 #[cfg(test)]

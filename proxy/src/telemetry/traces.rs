@@ -128,7 +128,9 @@ impl Tracing {
         headers: &HeaderMap,
         describe: impl FnOnce(&mut Attributes) -> Cow<'static, str>,
     ) -> ServerSpan {
-        let parent = incoming_context(headers);
+        let found = TraceHeaders::scan(headers);
+        let strip_b3 = found.any_b3;
+        let parent = found.context();
         let sampled = match &parent {
             Some(p) => p.is_sampled(),
             None => sample_root(self.config.sample_ratio, fastrand::f64()),
@@ -142,6 +144,7 @@ impl Tracing {
             return ServerSpan {
                 tracing: Arc::clone(self),
                 kind: Sampling::Unsampled(sc),
+                strip_b3,
             };
         }
         // Room for a typical request's attributes and what `end` adds.
@@ -164,6 +167,7 @@ impl Tracing {
         ServerSpan {
             tracing: Arc::clone(self),
             kind: Sampling::Recording(Box::new(record)),
+            strip_b3,
         }
     }
 }
@@ -189,6 +193,8 @@ fn new_span_id() -> SpanId {
 pub struct ServerSpan {
     tracing: Arc<Tracing>,
     kind: Sampling,
+    /// The request came with B3 headers, which attempts remove (they carry `traceparent`).
+    strip_b3: bool,
 }
 
 #[derive(Debug)]
@@ -223,7 +229,7 @@ impl ServerSpan {
     ) -> AttemptSpan {
         match &self.kind {
             Sampling::Unsampled(sc) => {
-                inject(sc, headers);
+                inject(sc, headers, self.strip_b3);
                 AttemptSpan { span: None }
             }
             Sampling::Ended => AttemptSpan { span: None },
@@ -251,7 +257,7 @@ impl ServerSpan {
                     attributes,
                     error: None,
                 };
-                inject(&record.context, headers);
+                inject(&record.context, headers, self.strip_b3);
                 AttemptSpan {
                     span: Some((Box::new(record), Arc::clone(&self.tracing))),
                 }
@@ -338,33 +344,81 @@ impl Drop for AttemptSpan {
     }
 }
 
-// Header names as constants: a `&str` lookup parses the name again on every request.
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-const B3: HeaderName = HeaderName::from_static("b3");
-const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
-const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
-const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
-const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
-/// The trace context a request arrived with: W3C `traceparent` (+ `tracestate`) first, then
-/// B3 (single `b3` header or `x-b3-*` headers).
+/// The trace headers of a request, found in one pass over its names. This runs for every
+/// request when tracing is on: one scan of a handful of names costs less than the three
+/// hashed lookups (`traceparent`, `b3`, `x-b3-traceid`) a request without context needs, and
+/// it also tells [`inject`] whether there is any B3 header to strip.
+#[derive(Debug, Default)]
+pub struct TraceHeaders<'a> {
+    traceparent: Option<&'a HeaderValue>,
+    tracestate: Option<&'a HeaderValue>,
+    b3: Option<&'a HeaderValue>,
+    b3_trace_id: Option<&'a HeaderValue>,
+    b3_span_id: Option<&'a HeaderValue>,
+    b3_sampled: Option<&'a HeaderValue>,
+    b3_flags: Option<&'a HeaderValue>,
+    /// Any B3 header, `x-b3-parentspanid` included.
+    pub any_b3: bool,
+}
+
+impl<'a> TraceHeaders<'a> {
+    pub fn scan(headers: &'a HeaderMap) -> Self {
+        let mut found = TraceHeaders::default();
+        for (name, value) in headers {
+            // The first value of a repeated header wins, as with `HeaderMap::get`.
+            let slot = match name.as_str() {
+                "traceparent" => &mut found.traceparent,
+                "tracestate" => &mut found.tracestate,
+                "b3" => &mut found.b3,
+                "x-b3-traceid" => &mut found.b3_trace_id,
+                "x-b3-spanid" => &mut found.b3_span_id,
+                "x-b3-sampled" => &mut found.b3_sampled,
+                "x-b3-flags" => &mut found.b3_flags,
+                "x-b3-parentspanid" => {
+                    found.any_b3 = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        found.any_b3 |= found.b3.is_some()
+            || found.b3_trace_id.is_some()
+            || found.b3_span_id.is_some()
+            || found.b3_sampled.is_some()
+            || found.b3_flags.is_some();
+        found
+    }
+
+    /// The trace context the request arrived with: W3C `traceparent` (+ `tracestate`)
+    /// first, then B3 (single `b3` header or `x-b3-*` headers).
+    pub fn context(&self) -> Option<SpanContext> {
+        fn text(v: Option<&HeaderValue>) -> Option<&str> {
+            v.and_then(|v| v.to_str().ok())
+        }
+        if let Some(tp) = text(self.traceparent) {
+            let state = text(self.tracestate)
+                .and_then(|s| TraceState::from_str(s).ok())
+                .unwrap_or_default();
+            return parse_traceparent(tp, state);
+        }
+        if let Some(b3) = text(self.b3) {
+            return parse_b3_single(b3);
+        }
+        let trace_id = text(self.b3_trace_id)?;
+        let span_id = text(self.b3_span_id)?;
+        let sampled = matches!(text(self.b3_sampled), Some("1") | Some("true"))
+            || text(self.b3_flags) == Some("1");
+        b3_context(trace_id, span_id, sampled)
+    }
+}
+
+/// The trace context a request arrived with (see [`TraceHeaders::context`]).
 pub fn incoming_context(headers: &HeaderMap) -> Option<SpanContext> {
-    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(tp) = text(&TRACEPARENT) {
-        let state = text(&TRACESTATE)
-            .and_then(|s| TraceState::from_str(s).ok())
-            .unwrap_or_default();
-        return parse_traceparent(tp, state);
-    }
-    if let Some(b3) = text(&B3) {
-        return parse_b3_single(b3);
-    }
-    let trace_id = text(&B3_TRACE_ID)?;
-    let span_id = text(&B3_SPAN_ID)?;
-    let sampled =
-        matches!(text(&B3_SAMPLED), Some("1") | Some("true")) || text(&B3_FLAGS) == Some("1");
-    b3_context(trace_id, span_id, sampled)
+    TraceHeaders::scan(headers).context()
 }
 
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>` (W3C Trace Context, version 00;
@@ -424,14 +478,11 @@ fn b3_context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
     sc.is_valid().then_some(sc)
 }
 
-/// Writes `sc` as the W3C headers of the upstream request (B3 headers are not forwarded:
-/// the proxy speaks W3C onward).
-///
-/// This runs for every request when tracing is on, sampled or not, so it avoids the
-/// obvious costs: one scan of the names instead of a lookup per B3 header (requests almost
-/// never carry them), and the value written into a stack buffer instead of `format!`.
-pub fn inject(sc: &SpanContext, headers: &mut HeaderMap) {
-    if headers.keys().any(is_b3) {
+/// Writes `sc` as the W3C headers of the upstream request, first removing the B3 headers
+/// when the request had any (`strip_b3`, from [`TraceHeaders`]): the proxy speaks W3C
+/// onward. The value is written into a stack buffer, not through `format!`.
+pub fn inject(sc: &SpanContext, headers: &mut HeaderMap, strip_b3: bool) {
+    if strip_b3 {
         let b3: Vec<HeaderName> = headers.keys().filter(|n| is_b3(n)).cloned().collect();
         for name in b3 {
             headers.remove(name);
@@ -534,7 +585,7 @@ mod tests {
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled() && sc.is_remote());
         let mut h = HeaderMap::new();
-        inject(&sc, &mut h);
+        inject(&sc, &mut h, false);
         assert_eq!(
             h["traceparent"],
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -564,7 +615,8 @@ mod tests {
             h.insert("x-b3-parentspanid", HeaderValue::from_static("2"));
             h.insert("x-keep", HeaderValue::from_static("yes"));
             h.insert("x-b3-custom", HeaderValue::from_static("app's own"));
-            inject(&sc, &mut h);
+            assert!(TraceHeaders::scan(&h).any_b3);
+            inject(&sc, &mut h, true);
             let want = format!(
                 "00-{}-{}-{:02x}",
                 sc.trace_id(),
@@ -579,6 +631,39 @@ mod tests {
             assert_eq!(back.trace_id(), sc.trace_id());
             assert_eq!(back.span_id(), sc.span_id());
         }
+    }
+
+    #[test]
+    fn one_scan_finds_the_trace_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("api"));
+        h.insert("x-b3-traceidx", HeaderValue::from_static("not b3"));
+        let found = TraceHeaders::scan(&h);
+        assert!(found.context().is_none() && !found.any_b3);
+
+        // Only a parent span id: nothing to join, but still B3 to strip.
+        h.insert(
+            "x-b3-parentspanid",
+            HeaderValue::from_static("e457b5a2e4d86bd1"),
+        );
+        let found = TraceHeaders::scan(&h);
+        assert!(found.context().is_none() && found.any_b3);
+
+        // A repeated traceparent: the first one counts, as with `HeaderMap::get`.
+        let first = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.append("traceparent", HeaderValue::from_static(first));
+        h.append(
+            "traceparent",
+            HeaderValue::from_static("00-11111111111111111111111111111111-2222222222222222-00"),
+        );
+        h.insert("tracestate", HeaderValue::from_static("tern=1,other=x"));
+        let sc = TraceHeaders::scan(&h).context().unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(sc.is_sampled());
+        assert_eq!(sc.trace_state().header(), "tern=1,other=x");
     }
 
     #[test]
@@ -631,10 +716,11 @@ mod tests {
         );
         h.insert("x-b3-spanid", HeaderValue::from_static("e457b5a2e4d86bd1"));
         h.insert("x-b3-sampled", HeaderValue::from_static("1"));
-        let sc = incoming_context(&h).unwrap();
+        let found = TraceHeaders::scan(&h);
+        let (sc, any_b3) = (found.context().unwrap(), found.any_b3);
         assert!(sc.is_sampled());
         // Onward the proxy speaks W3C only.
-        inject(&sc, &mut h);
+        inject(&sc, &mut h, any_b3);
         assert!(h.contains_key("traceparent") && !h.contains_key("x-b3-traceid"));
     }
 }
