@@ -242,3 +242,72 @@ fn tracing_config_is_validated() {
         .to_string();
     assert!(e.contains("telemetry.tracing.otlp_endpoint"), "{e}");
 }
+
+/// Span records are reused once exported: the spans of requests that follow failed ones
+/// carry nothing of them (no stale attribute, error status or name), every key once.
+#[tokio::test]
+async fn reused_span_records_carry_nothing_of_the_previous_request() {
+    let (otlp, r) = receiver().await;
+    let api = Upstream::start("api").await;
+    let proxy = Proxy::start(&config(otlp, 1.0, api.addr)).await;
+    let client = http1_client();
+    let server_spans = |r: &Receiver| {
+        r.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s.kind == 2)
+            .count()
+    };
+    for round in ["/failed", "/fine"] {
+        let status = if round == "/failed" { "503" } else { "200" };
+        let before = server_spans(&r);
+        for _ in 0..20 {
+            get(
+                &client,
+                proxy.addr("web"),
+                "api.local",
+                round,
+                &[("x-status", status)],
+            )
+            .await;
+        }
+        // Exported (and so handed back for reuse) before the next round starts.
+        for _ in 0..250 {
+            if server_spans(&r) >= before + 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let spans = r.spans.lock().unwrap().clone();
+    let fine: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| {
+            s.kind == 2
+                && s.attributes.iter().any(|kv| {
+                    kv.key == "url.path" && format!("{:?}", kv.value).contains("\"/fine\"")
+                })
+        })
+        .collect();
+    assert_eq!(fine.len(), 20, "{spans:?}");
+    for server in fine {
+        let attempts: Vec<&Span> = spans
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.trace_id == server.trace_id && s.kind == 3)
+            .collect();
+        assert_eq!(attempts.len(), 1, "{spans:?}");
+        for (span, name) in [(server, "GET"), (attempts[0], "GET api")] {
+            assert_eq!(span.name, name);
+            assert!(span.status.as_ref().is_none_or(|s| s.code == 0), "{span:?}");
+            let mut keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();
+            assert!(!keys.contains(&"error.type"), "{span:?}");
+            let n = keys.len();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), n, "a key twice: {span:?}");
+        }
+    }
+}

@@ -883,7 +883,7 @@ fn route_index(routes: &[RouteRt], route: &RouteRt) -> usize {
 /// start (written only when the request is sampled, from borrowed text: no allocation per
 /// attribute).
 fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>) -> ServerSpan {
-    tracer.server_span(req.headers(), |a| {
+    tracer.server_span(req.headers(), |a, name| {
         let host = req
             .uri()
             .host()
@@ -894,8 +894,8 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
                     .map(|h| h.split(':').next().unwrap_or(h))
             })
             .unwrap_or_default();
-        let method = method_name(req.method());
-        a.str("http.request.method", &method);
+        let method = req.method().as_str();
+        a.str("http.request.method", method);
         a.str("url.path", req.uri().path());
         a.str("url.scheme", "http");
         a.str("server.address", host);
@@ -913,31 +913,8 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
         if let Some(peer) = &ctx.peer {
             a.str("tern.peer.identity", peer.as_str());
         }
-        method
+        name.push_str(method);
     })
-}
-
-/// A standard method as a static string (no allocation), others copied.
-fn method_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
-    use http::Method as M;
-    let known = [
-        M::GET,
-        M::POST,
-        M::PUT,
-        M::DELETE,
-        M::HEAD,
-        M::OPTIONS,
-        M::PATCH,
-        M::CONNECT,
-        M::TRACE,
-    ];
-    const NAMES: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
-    ];
-    match known.iter().position(|m| m == method) {
-        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
-        None => std::borrow::Cow::Owned(method.as_str().to_string()),
-    }
 }
 
 /// The client span of one upstream attempt; it writes `traceparent` into `headers`.
@@ -949,27 +926,26 @@ fn attempt_span(
     retries: u32,
     headers: &mut http::HeaderMap,
 ) -> AttemptSpan {
-    span.attempt(headers, |a| {
+    span.attempt(headers, |a, name| {
         let addr = endpoint.state.addr;
-        // `ip:port` (or `[ip]:port`) written once, without core::fmt; the ip is its prefix.
-        let mut endpoint = String::with_capacity(48);
-        crate::text::push_socket_addr(&mut endpoint, addr);
-        let ip = endpoint.rsplit_once(':').map_or("", |(ip, _)| {
+        // `ip:port` (or `[ip]:port`) written once, without core::fmt, into the record's
+        // name buffer (reused, so no allocation) before the name itself; the ip is its prefix.
+        crate::text::push_socket_addr(name, addr);
+        let ip = name.rsplit_once(':').map_or("", |(ip, _)| {
             ip.trim_start_matches('[').trim_end_matches(']')
         });
         a.str("http.request.method", method.as_str());
         a.str("server.address", ip);
         a.int("server.port", i64::from(addr.port()));
         a.str("tern.service", &service.config.name);
-        a.str("tern.endpoint", &endpoint);
+        a.str("tern.endpoint", name);
+        name.clear();
         if retries > 0 {
             a.int("http.request.resend_count", i64::from(retries));
         }
-        let mut name = String::with_capacity(method.as_str().len() + 1 + service.config.name.len());
         name.push_str(method.as_str());
         name.push(' ');
         name.push_str(&service.config.name);
-        name.into()
     })
 }
 

@@ -125,6 +125,9 @@ impl Encoder for RawEncoder {
     type Error = tonic::Status;
 
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        // Room for the whole batch first: `put` alone grows tonic's buffer step by step,
+        // copying what it holds each time.
+        dst.reserve(item.len());
         dst.put(item);
         Ok(())
     }
@@ -184,6 +187,24 @@ impl Attributes {
 
     /// A string attribute.
     pub fn str(&mut self, key: &str, value: &str) {
+        // The common case, a short key and value: every length fits one varint byte, so
+        // the whole attribute is two fixed four-byte headers around the two texts.
+        if key.len() + value.len() < SHORT {
+            let field = (self.field << 3 | LEN) as u8;
+            let kv = 2 + key.len() + 2 + 2 + value.len();
+            let out = &mut self.bytes;
+            out.reserve(2 + kv);
+            out.extend_from_slice(&[field, kv as u8, (1 << 3) | LEN as u8, key.len() as u8]);
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&[
+                (2 << 3) | LEN as u8,
+                (2 + value.len()) as u8,
+                (1 << 3) | LEN as u8,
+                value.len() as u8,
+            ]);
+            out.extend_from_slice(value.as_bytes());
+            return;
+        }
         // AnyValue { string_value = 1 }
         let any = 1 + varint_len(value.len() as u64) + value.len();
         self.key_value(key, any);
@@ -234,10 +255,22 @@ impl Attributes {
         self.bytes.extend_from_slice(&tail[..m]);
     }
 
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
 }
+
+/// Below this many bytes of key and value together, every length in a string attribute is
+/// one varint byte: the `KeyValue` is 6 bytes of headers plus both texts, under 128.
+const SHORT: usize = 128 - 6;
 
 fn varint_len(v: u64) -> usize {
     // 7 bits per byte; zero still takes one.
@@ -425,6 +458,11 @@ mod tests {
             str_attr(&mut attributes, "url.path", &"p".repeat(20_000));
             str_attr(&mut attributes, &"k".repeat(200), &"v".repeat(130));
         }
+        // Either side of the one-byte-length fast path (key + value under SHORT bytes).
+        for total in [SHORT - 1, SHORT, SHORT + 1, 124, 125, 126, 127, 128] {
+            let key = "k".repeat(total / 3);
+            str_attr(&mut attributes, &key, &"v".repeat(total - key.len()));
+        }
         for (k, v) in [
             ("server.port", 8080_i64),
             ("zero", 0),
@@ -452,7 +490,7 @@ mod tests {
             } else {
                 SpanKind::Client
             },
-            name: format!("GET api {i}").into(),
+            name: format!("GET api {i}"),
             start: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + i),
             end: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_500_000_000 + i),
             attributes,
