@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,7 +32,7 @@ use crate::resilience::retry::{Attempt, RetryPolicy, backoff, retry_reason, safe
 use crate::snapshot::{Endpoint, ListenerRt, ListenerRtKind, RouteRt, ServiceRt};
 use crate::store::Store;
 use crate::telemetry::access_log::{self, AccessLog, Flag, Record};
-use crate::telemetry::traces::{self, AttemptSpan, ServerSpan, Tracing};
+use crate::telemetry::traces::{self, AttemptSpan, Attributes, ServerSpan, Tracing};
 
 /// What one downstream connection needs to serve requests.
 #[derive(Debug)]
@@ -57,6 +57,9 @@ pub struct ConnContext {
     pub peer_header: Option<(HeaderName, Option<HeaderValue>)>,
     /// Requests by caller, on listeners with mTLS on.
     pub peer_metrics: Option<PeerMetrics>,
+    /// The server-span attributes that are the same for every request of the connection
+    /// (client address, listener, peer identity), encoded on its first sampled request.
+    pub span_attributes: OnceLock<Box<[u8]>>,
 }
 
 impl ConnContext {
@@ -82,6 +85,7 @@ impl ConnContext {
             denied: None,
             peer_header: None,
             peer_metrics: None,
+            span_attributes: OnceLock::new(),
         }
     }
 
@@ -907,12 +911,16 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
                 "1.1"
             },
         );
-        // Formatted once per connection already (for x-forwarded-for).
-        a.str("client.address", ctx.client_ip.to_str().unwrap_or_default());
-        a.str("tern.listener", &ctx.listener);
-        if let Some(peer) = &ctx.peer {
-            a.str("tern.peer.identity", peer.as_str());
-        }
+        a.raw(ctx.span_attributes.get_or_init(|| {
+            let mut once = Attributes::with_capacity(128);
+            // Formatted once per connection already (for x-forwarded-for).
+            once.str("client.address", ctx.client_ip.to_str().unwrap_or_default());
+            once.str("tern.listener", &ctx.listener);
+            if let Some(peer) = &ctx.peer {
+                once.str("tern.peer.identity", peer.as_str());
+            }
+            once.into_boxed()
+        }));
         name.push_str(method);
     })
 }
@@ -928,18 +936,21 @@ fn attempt_span(
 ) -> AttemptSpan {
     span.attempt(headers, |a, name| {
         let addr = endpoint.state.addr;
-        // `ip:port` (or `[ip]:port`) written once, without core::fmt, into the record's
-        // name buffer (reused, so no allocation) before the name itself; the ip is its prefix.
-        crate::text::push_socket_addr(name, addr);
-        let ip = name.rsplit_once(':').map_or("", |(ip, _)| {
-            ip.trim_start_matches('[').trim_end_matches(']')
-        });
         a.str("http.request.method", method.as_str());
-        a.str("server.address", ip);
-        a.int("server.port", i64::from(addr.port()));
+        a.raw(endpoint.state.span_attributes.get_or_init(|| {
+            let mut once = Attributes::with_capacity(96);
+            let mut text = String::with_capacity(48);
+            crate::text::push_socket_addr(&mut text, addr);
+            // The ip is the text's prefix (without brackets for IPv6).
+            let ip = text.rsplit_once(':').map_or("", |(ip, _)| {
+                ip.trim_start_matches('[').trim_end_matches(']')
+            });
+            once.str("server.address", ip);
+            once.int("server.port", i64::from(addr.port()));
+            once.str("tern.endpoint", &text);
+            once.into_boxed()
+        }));
         a.str("tern.service", &service.config.name);
-        a.str("tern.endpoint", name);
-        name.clear();
         if retries > 0 {
             a.int("http.request.resend_count", i64::from(retries));
         }

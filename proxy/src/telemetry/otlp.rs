@@ -255,6 +255,17 @@ impl Attributes {
         self.bytes.extend_from_slice(&tail[..m]);
     }
 
+    /// Appends attributes encoded earlier (by [`Attributes::into_boxed`] of the same kind):
+    /// a repeated field's entries concatenate.
+    pub fn raw(&mut self, encoded: &[u8]) {
+        self.bytes.extend_from_slice(encoded);
+    }
+
+    /// The encoded attributes, to be appended with [`Attributes::raw`].
+    pub fn into_boxed(self) -> Box<[u8]> {
+        self.bytes.into_boxed_slice()
+    }
+
     pub fn clear(&mut self) {
         self.bytes.clear();
     }
