@@ -895,7 +895,7 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
                 req.headers()
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .map(|h| h.split(':').next().unwrap_or(h))
+                    .map(host_of)
             })
             .unwrap_or_default();
         let method = req.method().as_str();
@@ -923,6 +923,17 @@ fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>
         }));
         name.push_str(method);
     })
+}
+
+/// The host of a `Host` header value: without the port, and an IPv6 literal without its
+/// brackets (`[::1]:80` -> `::1`), as `server.address` wants it.
+fn host_of(authority: &str) -> &str {
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split_once(']').map_or(v6, |(ip, _)| ip);
+    }
+    authority
+        .split_once(':')
+        .map_or(authority, |(host, _)| host)
 }
 
 /// The client span of one upstream attempt; it writes `traceparent` into `headers`.
@@ -1097,4 +1108,24 @@ fn refusal(refused: Refusal) -> Response<ProxyBody> {
         response.headers_mut().insert(name, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn host_of_drops_the_port_and_ipv6_brackets() {
+        for (authority, host) in [
+            ("api.local", "api.local"),
+            ("api.local:8080", "api.local"),
+            ("10.0.0.7:80", "10.0.0.7"),
+            ("[::1]:8080", "::1"),
+            ("[fe80::1]", "fe80::1"),
+            ("[broken", "broken"),
+            ("", ""),
+        ] {
+            assert_eq!(host_of(authority), host, "{authority}");
+        }
+    }
 }

@@ -29,8 +29,6 @@ pub struct Exporter {
     /// `Resource.attributes`, encoded once: the `service.name`.
     resource: Attributes,
     scope: &'static str,
-    /// The size of the last batch: the next buffer starts at about that capacity.
-    last_len: usize,
 }
 
 /// Why an export did not deliver every span.
@@ -69,16 +67,15 @@ impl Exporter {
             timeout,
             resource: Attributes::resource(service_name),
             scope,
-            last_len: 64 * 1024,
         })
     }
 
     /// Sends one batch; `Ok` means the receiver took every span.
     pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
-        // Encoded into a buffer sized like the last one and handed to tonic whole (no copy).
-        let mut buf = Vec::with_capacity(self.last_len + self.last_len / 4);
+        // Encoded into a buffer that holds the whole batch from the start (growing it would
+        // copy it again) and handed to tonic as is.
+        let mut buf = Vec::with_capacity(encoded_len_bound(&self.resource, self.scope, spans));
         encode_request(&mut buf, &self.resource, self.scope, spans);
-        self.last_len = buf.len();
         let body = Bytes::from(buf);
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         grpc.ready()
@@ -317,6 +314,20 @@ pub fn encode_request(
     });
 }
 
+/// At least the length `encode_request` writes: the variable parts plus a generous
+/// allowance for each span's fixed fields, tags and length prefixes (under 110 bytes).
+fn encoded_len_bound(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> usize {
+    const PER_SPAN: usize = 160;
+    let header = 64 + resource.as_bytes().len() + scope.len();
+    spans.iter().fold(header, |n, s| {
+        n + PER_SPAN
+            + s.name.len()
+            + s.attributes.as_bytes().len()
+            + s.error.as_ref().map_or(0, |e| e.len() + 8)
+            + s.context.trace_state().header().len()
+    })
+}
+
 /// One `Span` message (opentelemetry/proto/trace/v1/trace.proto).
 fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
     let cx = &span.context;
@@ -520,6 +531,7 @@ mod tests {
             let mut out = Vec::new();
             let resource = Attributes::resource("web-sidecar");
             encode_request(&mut out, &resource, "tern-proxy", &spans);
+            assert!(out.len() <= encoded_len_bound(&resource, "tern-proxy", &spans));
             let req = ExportTraceServiceRequest::decode(out.as_slice()).unwrap();
             assert_eq!(req.resource_spans.len(), 1);
             let rs = &req.resource_spans[0];
