@@ -17,7 +17,7 @@
 #        ONLY="tern tern_policy" measures only those targets (and direct)
 #        TERN_BIN_B=path/to/other/tern-proxy adds a row `tern-b` (A/B a proxy change)
 #        CARGO_TARGET_DIR is honoured when building tern-proxy if TERN_BIN is missing.
-# Needs: nginx wrk h2load (nghttp2-client) oha, optional haproxy, python3, curl, taskset.
+# Needs: nginx wrk h2load (nghttp2-client) oha, optional haproxy, python3, curl, taskset, chrt.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,7 +33,7 @@ SERVER_CPU=1
 die() { echo "run.sh: $*" >&2; exit 1; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
-for tool in nginx wrk h2load python3 curl taskset; do
+for tool in nginx wrk h2load python3 curl taskset chrt; do
     command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx wrk nghttp2-client curl)"
 done
 OHA="$(command -v oha || true)"
@@ -213,7 +213,8 @@ tern_log_conf() { # file, admin port, listener port
     printf 'telemetry:\n  access_log: { path: "%s", format: json }\n' "$TMP/tern/access.log" >>"$1"
 }
 # The same proxy tracing every request (ratio 1.0) or 1 % of them, exporting over OTLP/gRPC
-# to `otlp_sink` (on the load generators' core: the collector's work is not the proxy's).
+# to `otlp_sink` (on the load generators' core at idle priority: the collector's work is not
+# the proxy's).
 tern_trace_conf() { # file, admin port, listener port, ratio
     tern_conf "$1" "$2" "$3"
     printf 'telemetry:\n  tracing: { otlp_endpoint: "http://127.0.0.1:%s", sample_ratio: %s }\n' "$P_OTLP" "$4" >>"$1"
@@ -302,7 +303,11 @@ wait_http "http://127.0.0.1:$P_ADMIN_L/ready" tern_log
 wait_http "http://127.0.0.1:$P_TERN_L/" tern_log
 TARGETS+=(tern_log)
 if [ -x "$OTLP_SINK" ]; then
-    taskset -c "$LOADGEN_CPU" "$OTLP_SINK" --address "127.0.0.1:$P_OTLP" >"$TMP/otlp_sink.out" 2>&1 &
+    # At idle priority (SCHED_IDLE): decoding a batch of a few hundred spans takes the sink
+    # 1-2 ms, and at normal priority that held up the load generator on the same core, so the
+    # proxy under test sat idle (3 % of its core in `perf`) and the tracing rows measured the
+    # sink. In a mesh the collector runs elsewhere.
+    chrt --idle 0 taskset -c "$LOADGEN_CPU" "$OTLP_SINK" --address "127.0.0.1:$P_OTLP" >"$TMP/otlp_sink.out" 2>&1 &
     PIDS+=("$!")
     for t in t1 t100; do
         eval "port=\$P_TERN_$(echo $t | tr a-z A-Z); admin=\$P_ADMIN_$(echo $t | tr a-z A-Z)"
