@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The throughput cost of access logging and tracing, as paired ratios: the plain proxy and
+# one variant are loaded back to back for a few seconds each, in alternating order, many
+# times over, and the ratio of each pair is kept. On a shared VM the machine's speed drifts
+# by more than the few percent being measured between the rounds of `run.sh` (1.7 minutes
+# apart); within a pair of short runs it mostly does not, and the median of the pairs is a
+# steadier figure than a ratio of medians.
+#
+# Same placement as run.sh: load generator (and the OTLP sink, at idle priority) on core 0,
+# nginx upstream and the proxies on core 1. Every proxy runs for the whole script, idle while
+# another one is measured.
+#
+# Usage: benches/e2e/overhead.sh            (about 1 minute per pair and protocol)
+# Env:   PAIRS=10  DUR=4 (seconds per run)  PROTOS="h1 h2c"  TERN_BIN=...  OTLP_SINK=...
+# Needs: nginx wrk h2load python3 curl taskset chrt
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+PAIRS="${PAIRS:-10}"
+DUR="${DUR:-4}"
+PROTOS="${PROTOS:-h1 h2c}"
+TERN_BIN="${TERN_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tern-proxy}"
+OTLP_SINK="${OTLP_SINK:-${CARGO_TARGET_DIR:-$ROOT/target}/release/otlp_sink}"
+for tool in nginx wrk h2load python3 curl taskset chrt; do
+    command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }
+done
+for bin in "$TERN_BIN" "$OTLP_SINK"; do
+    [ -x "$bin" ] || { echo "no $bin (cargo build --release -p tern-proxy -p tern-benches)" >&2; exit 1; }
+done
+
+TMP="$(mktemp -d /tmp/tern-overhead.XXXXXX)"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+read -r P_UP P_OTLP P_PLAIN P_LOG P_T1 P_T100 A_PLAIN A_LOG A_T1 A_T100 < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(10)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+
+USER_LINE=""
+[ "$(id -u)" = 0 ] && USER_LINE="user root;"
+mkdir -p "$TMP/nginx/logs"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+$USER_LINE
+worker_processes 1;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    server { listen 127.0.0.1:$P_UP; location / { return 200 "ok\n"; } }
+}
+EOF
+taskset -c 1 nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.out" 2>&1 &
+PIDS+=("$!")
+# Idle priority: the sink's decoding must not hold up the load generator (see README).
+chrt --idle 0 taskset -c 0 "$OTLP_SINK" --address "127.0.0.1:$P_OTLP" >"$TMP/sink.out" 2>&1 &
+PIDS+=("$!")
+
+start() { # name, listener port, admin port, extra telemetry yaml
+    local f="$TMP/$1.yaml"
+    cat >"$f" <<EOF
+admin: { address: 127.0.0.1:$3 }
+listeners:
+  - name: bench
+    address: 127.0.0.1:$2
+    protocol: http
+    routes:
+      - backends: [ { service: upstream } ]
+services:
+  - name: upstream
+    protocol: http1
+    endpoints: [ { address: 127.0.0.1:$P_UP } ]
+$4
+EOF
+    RUST_LOG=warn taskset -c 1 "$TERN_BIN" --config "$f" >"$TMP/$1.out" 2>&1 &
+    PIDS+=("$!")
+    for _ in $(seq 100); do
+        curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$2/" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "$1 did not start: $(cat "$TMP/$1.out")" >&2
+    exit 1
+}
+start plain "$P_PLAIN" "$A_PLAIN" ""
+start log "$P_LOG" "$A_LOG" "telemetry:
+  access_log: { path: \"$TMP/access.log\", format: json }"
+start t1 "$P_T1" "$A_T1" "telemetry:
+  tracing: { otlp_endpoint: \"http://127.0.0.1:$P_OTLP\", sample_ratio: 0.01 }"
+start t100 "$P_T100" "$A_T100" "telemetry:
+  tracing: { otlp_endpoint: \"http://127.0.0.1:$P_OTLP\", sample_ratio: 1.0 }"
+
+rate() { # proto, port, seconds -> requests per second
+    case "$1" in
+        h1) taskset -c 0 wrk -t1 -c32 -d"$3"s "http://127.0.0.1:$2/" |
+            awk '/^Requests\/sec/ { print $2 }' ;;
+        h2c) taskset -c 0 h2load -c16 -m10 -D "$3" "http://127.0.0.1:$2/" 2>/dev/null |
+            awk '/^finished in/ { gsub(",", "", $4); print $4 }' ;;
+    esac
+}
+
+# Warm every proxy (pools, page cache, the export connection).
+for proto in $PROTOS; do
+    for port in "$P_PLAIN" "$P_LOG" "$P_T1" "$P_T100"; do rate "$proto" "$port" 1 >/dev/null; done
+done
+
+echo "| protocol | variant | × plain: median of $PAIRS pairs | quartiles | plain req/s (median) |"
+echo "|---|---|---|---|---|"
+for proto in $PROTOS; do
+    for variant in log t1 t100; do
+        eval "port=\$P_$(echo "$variant" | tr a-z A-Z)"
+        : >"$TMP/pairs"
+        for i in $(seq "$PAIRS"); do
+            # Alternate which goes first, so a drift within a pair cancels out over pairs.
+            if [ $((i % 2)) = 1 ]; then
+                a="$(rate "$proto" "$P_PLAIN" "$DUR")"; b="$(rate "$proto" "$port" "$DUR")"
+            else
+                b="$(rate "$proto" "$port" "$DUR")"; a="$(rate "$proto" "$P_PLAIN" "$DUR")"
+            fi
+            echo "$a $b" >>"$TMP/pairs"
+        done
+        python3 - "$proto" "$variant" "$TMP/pairs" <<'EOF'
+import statistics, sys
+proto, variant, path = sys.argv[1:]
+pairs = [tuple(map(float, l.split())) for l in open(path) if l.strip()]
+ratios = sorted(b / a for a, b in pairs if a > 0)
+q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+names = {"log": "JSON access log to a file", "t1": "tracing 1 %", "t100": "tracing 100 %"}
+print(f"| {proto} | {names[variant]} | {statistics.median(ratios):.3f} | {q[0]:.3f}-{q[2]:.3f} "
+      f"| {statistics.median(a for a, _ in pairs):.0f} |")
+EOF
+    done
+done
