@@ -38,33 +38,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r P_UP P_OTLP P_PLAIN P_LOG P_T1 P_T100 A_PLAIN A_LOG A_T1 A_T100 < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(10)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
-
-USER_LINE=""
-[ "$(id -u)" = 0 ] && USER_LINE="user root;"
-mkdir -p "$TMP/nginx/logs"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-$USER_LINE
-worker_processes 1;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
-    server { listen 127.0.0.1:$P_UP; location / { return 200 "ok\n"; } }
-}
-EOF
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+read -r P_UP P_OTLP P_PLAIN P_LOG P_T1 P_T100 A_PLAIN A_LOG A_T1 A_T100 < <(free_ports 10)
+nginx_upstream_conf "$TMP/nginx" "$P_UP"
 taskset -c 1 nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" >"$TMP/nginx.out" 2>&1 &
 PIDS+=("$!")
 # Idle priority: the sink's decoding must not hold up the load generator (see README).
