@@ -20,6 +20,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 struct Args {
     #[arg(long, default_value = "127.0.0.1:4317")]
     address: SocketAddr,
+    /// Keep HTTP/2's initial 64 KiB flow-control windows instead of growing them.
+    #[arg(long)]
+    fixed_window: bool,
 }
 
 #[derive(Clone, Default)]
@@ -57,7 +60,11 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
+    // The OpenTelemetry Collector's gRPC server (grpc-go) grows its flow-control windows from
+    // bandwidth-delay estimates; tonic's equivalent is the adaptive window. With the fixed
+    // 64 KiB window an exporter sending a 150 KiB batch stalls on window updates twice.
     tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(!args.fixed_window))
         .add_service(TraceServiceServer::new(sink))
         .serve_with_shutdown(args.address, stop)
         .await?;

@@ -311,3 +311,67 @@ async fn reused_span_records_carry_nothing_of_the_previous_request() {
         }
     }
 }
+
+/// The export counters of `proxy`, once `done` holds for them (or after five seconds).
+async fn export_counters(proxy: &Proxy, done: impl Fn(&[u64; 3]) -> bool) -> [u64; 3] {
+    let mut c = [0; 3];
+    for _ in 0..250 {
+        let mut m = String::new();
+        prometheus_client::encoding::text::encode(&mut m, proxy.app.registry()).unwrap();
+        for (i, series) in [
+            "tern_trace_spans_exported_total ",
+            "tern_trace_spans_dropped_total ",
+            "tern_trace_export_failures_total ",
+        ]
+        .iter()
+        .enumerate()
+        {
+            c[i] = m
+                .lines()
+                .find_map(|l| l.strip_prefix(series))
+                .map_or(0, |v| v.trim().parse().unwrap());
+        }
+        if done(&c) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c
+}
+
+/// What the receiver answers is read, not assumed: a partial success counts its rejected
+/// spans as dropped and the rest as exported; a failed call (a gRPC status in the response
+/// headers, "trailers-only") counts a failure and drops the batch. Requests never notice.
+#[tokio::test]
+async fn rejected_and_failed_exports_are_counted_as_such() {
+    use support::otlp::Answer;
+    let (otlp, r) = receiver().await;
+    // One span of each batch is rejected. A request's two spans usually share a batch, but
+    // a slow machine may split them; the counts below hold either way.
+    *r.answer.lock().unwrap() = Answer::Reject(1, "span too large".into());
+    let api = Upstream::start("api").await;
+    let proxy = Proxy::start(&config(otlp, 1.0, api.addr)).await;
+    let client = http1_client();
+    assert_eq!(
+        get(&client, proxy.addr("web"), "x", "/", &[]).await.status,
+        200
+    );
+    let [exported, dropped, failures] = export_counters(&proxy, |c| c[0] + c[1] >= 2).await;
+    assert_eq!(
+        exported + dropped,
+        2,
+        "{exported} exported, {dropped} dropped"
+    );
+    assert!(dropped >= 1, "{dropped}");
+    assert_eq!(failures, 0);
+
+    *r.answer.lock().unwrap() = Answer::Fail(tonic::Code::ResourceExhausted);
+    assert_eq!(
+        get(&client, proxy.addr("web"), "x", "/", &[]).await.status,
+        200
+    );
+    let after = export_counters(&proxy, |c| c[0] + c[1] >= 4).await;
+    assert_eq!(after[0], exported, "nothing more is exported");
+    assert_eq!(after[1], dropped + 2);
+    assert!((1..=2).contains(&after[2]), "{after:?}");
+}

@@ -227,15 +227,18 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let (listener, log, tracer) = {
+    let (listener, log, mut span) = {
         let snapshot = ctx.store.load();
         (
             snapshot.listeners.get(&ctx.listener).cloned(),
             snapshot.access_log.clone(),
-            snapshot.tracing.clone(),
+            // Borrowed from the snapshot: only a sampled span holds on to the tracer.
+            snapshot
+                .tracing
+                .as_ref()
+                .map(|t| server_span(t, &ctx, &req)),
         )
     };
-    let mut span = tracer.map(|t| server_span(&t, &ctx, &req));
     let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req, span.as_ref()));
     let Some(listener) = listener else {
         let reason = format!("listener {} was removed\n", ctx.listener);

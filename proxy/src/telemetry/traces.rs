@@ -84,6 +84,8 @@ pub struct Tracing {
     tx: mpsc::Sender<Box<SpanRecord>>,
     dropped: Counter,
     spare: Arc<Spare>,
+    /// A new root is sampled when its trace id's low 63 bits fall under this.
+    root_threshold: u64,
 }
 
 /// Records the export task is done with, handed back for new spans: a record keeps its
@@ -143,6 +145,7 @@ impl Tracing {
             tracing::info_span!("otlp_export"),
         ));
         Ok(Tracing {
+            root_threshold: root_threshold(config.sample_ratio),
             config,
             tx,
             dropped: counters.dropped,
@@ -171,7 +174,7 @@ impl Tracing {
     /// Starts the server span of a request, as a child of the incoming trace context.
     ///
     /// Sampling is decided first: the parent's flag when the request carries a context,
-    /// else one draw against the ratio. An unsampled request gets no record and no
+    /// else the new trace id against the ratio. An unsampled request gets no record and no
     /// attributes (`describe` is not called), only a context that travels upstream with the
     /// sampled flag off, so the trace id still joins the hops.
     pub fn server_span(
@@ -182,18 +185,17 @@ impl Tracing {
         let found = TraceHeaders::scan(headers);
         let strip_b3 = found.any_b3;
         let parent = found.context();
-        let sampled = match &parent {
-            Some(p) => p.is_sampled(),
-            None => sample_root(self.config.sample_ratio, fastrand::f64()),
-        };
-        let (trace_id, state) = match &parent {
-            Some(p) => (p.trace_id(), p.trace_state().clone()),
-            None => (new_trace_id(), TraceState::default()),
+        let (trace_id, state, sampled) = match &parent {
+            Some(p) => (p.trace_id(), p.trace_state().clone(), p.is_sampled()),
+            None => {
+                let id = new_trace_id();
+                let sampled = sample_root(self.root_threshold, id);
+                (TraceId::from(id), TraceState::default(), sampled)
+            }
         };
         if !sampled {
             let sc = SpanContext::new(trace_id, new_span_id(), TraceFlags::default(), false, state);
             return ServerSpan {
-                tracing: Arc::clone(self),
                 kind: Sampling::Unsampled(sc),
                 strip_b3,
             };
@@ -211,8 +213,7 @@ impl Tracing {
         record.start = now;
         record.end = now;
         ServerSpan {
-            tracing: Arc::clone(self),
-            kind: Sampling::Recording(record),
+            kind: Sampling::Recording(record, Arc::clone(self)),
             strip_b3,
         }
     }
@@ -231,14 +232,28 @@ fn blank_record(attribute_bytes: usize) -> Box<SpanRecord> {
     })
 }
 
-/// A root is sampled when a uniform draw in [0, 1) falls under the ratio.
-fn sample_root(ratio: f64, draw: f64) -> bool {
-    draw < ratio
+/// The threshold of [`sample_root`] for a ratio in [0, 1]: the ratio of 2^63.
+fn root_threshold(ratio: f64) -> u64 {
+    // 1.0 gives 2^63, above every 63-bit value: all sampled; 0.0 none.
+    (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64
 }
 
-fn new_trace_id() -> TraceId {
-    // Zero is the invalid id; one draw in 2^128 is not worth a loop, but it costs nothing.
-    TraceId::from(fastrand::u128(1..))
+/// Whether a new root is sampled, decided by its trace id as OpenTelemetry's
+/// `TraceIdRatioBased` sampler does (the low 64 bits, shifted to 63): the id is random
+/// already, so this costs no draw, and another process deciding on the same id with the
+/// same ratio agrees.
+fn sample_root(threshold: u64, trace_id: u128) -> bool {
+    ((trace_id as u64) >> 1) < threshold
+}
+
+fn new_trace_id() -> u128 {
+    // Zero is the invalid id. A full-range draw: a range (`1..`) costs a 128-bit modulo.
+    loop {
+        let id = fastrand::u128(..);
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 fn new_span_id() -> SpanId {
@@ -250,7 +265,6 @@ fn new_span_id() -> SpanId {
 /// `downstream_disconnect`.
 #[derive(Debug)]
 pub struct ServerSpan {
-    tracing: Arc<Tracing>,
     kind: Sampling,
     /// The request came with B3 headers, which attempts remove (they carry `traceparent`).
     strip_b3: bool,
@@ -258,8 +272,8 @@ pub struct ServerSpan {
 
 #[derive(Debug)]
 enum Sampling {
-    /// Sampled: a record that is exported when the span ends.
-    Recording(Box<SpanRecord>),
+    /// Sampled: a record that is exported (through the tracer) when the span ends.
+    Recording(Box<SpanRecord>, Arc<Tracing>),
     /// Not sampled: only the context that is propagated.
     Unsampled(SpanContext),
     /// Ended and queued.
@@ -269,14 +283,14 @@ enum Sampling {
 impl ServerSpan {
     pub fn trace_id(&self) -> TraceId {
         match &self.kind {
-            Sampling::Recording(r) => r.context.trace_id(),
+            Sampling::Recording(r, _) => r.context.trace_id(),
             Sampling::Unsampled(sc) => sc.trace_id(),
             Sampling::Ended => TraceId::INVALID,
         }
     }
 
     pub fn is_recording(&self) -> bool {
-        matches!(self.kind, Sampling::Recording(_))
+        matches!(self.kind, Sampling::Recording(..))
     }
 
     /// A client span for one upstream attempt; its context goes upstream in `traceparent`.
@@ -292,8 +306,8 @@ impl ServerSpan {
                 AttemptSpan { span: None }
             }
             Sampling::Ended => AttemptSpan { span: None },
-            Sampling::Recording(server) => {
-                let mut record = self.tracing.record();
+            Sampling::Recording(server, tracing) => {
+                let mut record = tracing.record();
                 describe(&mut record.attributes, &mut record.name);
                 let cx = &server.context;
                 let now = SystemTime::now();
@@ -313,7 +327,7 @@ impl ServerSpan {
                 record.end = now;
                 inject(&record.context, headers, self.strip_b3);
                 AttemptSpan {
-                    span: Some((record, Arc::clone(&self.tracing))),
+                    span: Some((record, Arc::clone(tracing))),
                 }
             }
         }
@@ -321,14 +335,16 @@ impl ServerSpan {
 
     /// Adds an integer attribute (after the start, e.g. the retry count).
     pub fn set_int(&mut self, key: &str, value: i64) {
-        if let Sampling::Recording(r) = &mut self.kind {
+        if let Sampling::Recording(r, _) = &mut self.kind {
             r.attributes.int(key, value);
         }
     }
 
     /// Ends the span with the response status (5xx and the proxy's own failures are errors).
     pub fn end(mut self, status: u16, outcome: &str) {
-        let Sampling::Recording(mut r) = std::mem::replace(&mut self.kind, Sampling::Ended) else {
+        let Sampling::Recording(mut r, tracing) =
+            std::mem::replace(&mut self.kind, Sampling::Ended)
+        else {
             return;
         };
         r.attributes
@@ -340,7 +356,7 @@ impl ServerSpan {
             error_status(&mut r.attributes, status);
             r.error = Some(Cow::Owned(outcome.to_string()));
         }
-        self.tracing.submit(r);
+        tracing.submit(r);
     }
 }
 
@@ -348,9 +364,11 @@ impl Drop for ServerSpan {
     /// Dropped without `end`: the request was cancelled before its response began (the
     /// client reset the stream or closed the connection). Exported so the wait shows.
     fn drop(&mut self) {
-        if let Sampling::Recording(mut r) = std::mem::replace(&mut self.kind, Sampling::Ended) {
+        if let Sampling::Recording(mut r, tracing) =
+            std::mem::replace(&mut self.kind, Sampling::Ended)
+        {
             r.attributes.str("tern.outcome", DOWNSTREAM_DISCONNECT);
-            self.tracing.submit(r);
+            tracing.submit(r);
         }
     }
 }
@@ -625,6 +643,33 @@ async fn export_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roots_are_sampled_at_the_ratio_by_their_trace_id() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let ids: Vec<u128> = (0..100_000).map(|_| rng.u128(..)).collect();
+        let sampled = |ratio| {
+            let t = root_threshold(ratio);
+            ids.iter().filter(|&&id| sample_root(t, id)).count()
+        };
+        assert_eq!(sampled(0.0), 0);
+        assert_eq!(sampled(1.0), ids.len());
+        // 1 % of 100,000: 1,000 with a standard deviation of about 31.
+        let one = sampled(0.01);
+        assert!((850..=1150).contains(&one), "{one}");
+        let half = sampled(0.5);
+        assert!((49_250..=50_750).contains(&half), "{half}");
+        // Decided by the id alone: the same id gets the same answer every time.
+        let t = root_threshold(0.25);
+        assert!(
+            ids.iter()
+                .all(|&id| sample_root(t, id) == sample_root(t, id))
+        );
+        // The extremes of the 63 bits compared.
+        assert!(sample_root(root_threshold(1.0), u128::MAX));
+        assert!(!sample_root(root_threshold(0.5), u128::from(u64::MAX)));
+        assert!(sample_root(root_threshold(0.5), 1 << 1));
+    }
 
     #[test]
     fn traceparent_round_trips() {

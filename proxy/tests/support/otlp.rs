@@ -15,6 +15,18 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 #[derive(Clone, Default)]
 pub struct Receiver {
     pub spans: Arc<Mutex<Vec<(String, Span)>>>,
+    /// How the receiver answers each export (it keeps the spans either way).
+    pub answer: Arc<Mutex<Answer>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub enum Answer {
+    #[default]
+    Accept,
+    /// A partial success: this many spans rejected, with a message.
+    Reject(i64, String),
+    /// A failed call with this status.
+    Fail(tonic::Code),
 }
 
 #[tonic::async_trait]
@@ -39,7 +51,20 @@ impl TraceService for Receiver {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        drop(spans);
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+        match self.answer.lock().unwrap().clone() {
+            Answer::Accept => Ok(tonic::Response::new(ExportTraceServiceResponse::default())),
+            Answer::Reject(rejected_spans, error_message) => {
+                Ok(tonic::Response::new(ExportTraceServiceResponse {
+                    partial_success: Some(ExportTracePartialSuccess {
+                        rejected_spans,
+                        error_message,
+                    }),
+                }))
+            }
+            Answer::Fail(code) => Err(tonic::Status::new(code, "receiver says no")),
+        }
     }
 }
 
