@@ -8,6 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Pv;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use support::otlp::Receiver;
 use support::*;
@@ -374,4 +375,64 @@ async fn rejected_and_failed_exports_are_counted_as_such() {
     assert_eq!(after[0], exported, "nothing more is exported");
     assert_eq!(after[1], dropped + 2);
     assert!((1..=2).contains(&after[2]), "{after:?}");
+}
+
+/// Retries are visible: every attempt is a client span under the request's server span,
+/// the retried ones with their resend count, each with the status it got.
+#[tokio::test]
+async fn each_attempt_of_a_retried_request_is_a_child_span() {
+    let (otlp, r) = receiver().await;
+    let api = Upstream::start("api").await;
+    let yaml = format!(
+        r#"
+telemetry:
+  tracing: {{ otlp_endpoint: "http://{otlp}", sample_ratio: 1.0 }}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - backends: [ {{ service: api }} ]
+        retry: {{ attempts: 3, on: [5xx], backoff: {{ base: 1ms, max: 2ms }} }}
+services:
+  - name: api
+    protocol: http1
+    endpoints: [ {{ address: "{}" }} ]
+"#,
+        api.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let reply = get(
+        &http1_client(),
+        proxy.addr("web"),
+        "api.local",
+        "/",
+        &[("x-status", "503")],
+    )
+    .await;
+    assert_eq!(reply.status, 503);
+    let attempts = api.hits();
+    assert!(attempts >= 2, "retried: {attempts} attempts");
+    let spans = wait_spans(&r, attempts + 1).await;
+    assert_eq!(spans.len(), attempts + 1, "{spans:?}");
+    let server: Vec<_> = spans.iter().filter(|(_, s)| s.kind == 2).collect();
+    assert_eq!(server.len(), 1);
+    let server = &server[0].1;
+    let mut resends = Vec::new();
+    for (_, s) in spans.iter().filter(|(_, s)| s.kind == 3) {
+        assert_eq!(s.parent_span_id, server.span_id);
+        assert_eq!(s.trace_id, server.trace_id);
+        let int = |key: &str| {
+            s.attributes.iter().find(|kv| kv.key == key).map(|kv| {
+                match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(Pv::IntValue(i)) => *i,
+                    other => panic!("{key}: {other:?}"),
+                }
+            })
+        };
+        assert_eq!(int("http.response.status_code"), Some(503));
+        resends.push(int("http.request.resend_count").unwrap_or(0));
+    }
+    resends.sort();
+    assert_eq!(resends, (0..attempts as i64).collect::<Vec<_>>());
 }

@@ -2,4 +2,5 @@
 
 pub mod access_log;
 pub mod otlp;
+pub mod semconv;
 pub mod traces;

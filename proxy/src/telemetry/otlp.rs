@@ -85,7 +85,7 @@ impl Exporter {
     /// five-byte message header and that one buffer becomes the request body.
     pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
         // Sized for the whole batch from the start: growing it would copy it again.
-        let bound = FRAME_HEADER + encoded_len_bound(&self.resource, self.scope, spans);
+        let bound = FRAME_HEADER + encoded_len(&self.resource, self.scope, spans);
         let mut buf = Vec::with_capacity(bound);
         buf.extend_from_slice(&[0; FRAME_HEADER]);
         encode_request(&mut buf, &self.resource, self.scope, spans);
@@ -320,86 +320,154 @@ fn varint_len(v: u64) -> usize {
 const VARINT: u32 = 0;
 const I64: u32 = 1;
 const LEN: u32 = 2;
-const I32: u32 = 5;
 
 /// `ExportTraceServiceRequest { resource_spans: [ { resource, scope_spans: [ { scope, spans } ] } ] }`.
+///
+/// Every length is computed before its message is written, so nothing is moved once
+/// written: a length known only afterwards would move the message behind it when the
+/// length takes more than the one byte set aside, and the outer two messages hold the
+/// whole batch.
 pub fn encode_request(
     out: &mut Vec<u8>,
     resource: &Attributes,
     scope: &str,
     spans: &[Box<SpanRecord>],
 ) {
-    nested(out, 1, |out| {
-        // ResourceSpans.resource: Resource { attributes = 1 }
-        nested(out, 1, |out| {
-            out.extend_from_slice(resource.as_bytes());
-        });
-        // ResourceSpans.scope_spans
-        nested(out, 2, |out| {
-            // ScopeSpans.scope: InstrumentationScope { name = 1 }
-            nested(out, 1, |out| string(out, 1, scope));
-            for span in spans {
-                nested(out, 2, |out| encode_span(out, span));
-            }
-        });
-    });
+    let lengths = Lengths::of(resource, scope, spans);
+    let start = out.len();
+    out.reserve(framed(lengths.resource_spans));
+    // ExportTraceServiceRequest.resource_spans
+    head(out, 1, lengths.resource_spans);
+    // ResourceSpans.resource: Resource { attributes = 1 }
+    head(out, 1, resource.as_bytes().len());
+    out.extend_from_slice(resource.as_bytes());
+    // ResourceSpans.scope_spans
+    head(out, 2, lengths.scope_spans);
+    // ScopeSpans.scope: InstrumentationScope { name = 1 }
+    head(out, 1, framed(scope.len()));
+    string(out, 1, scope);
+    for span in spans {
+        encode_span(out, span);
+    }
+    debug_assert_eq!(out.len() - start, framed(lengths.resource_spans));
 }
 
-/// At least the length `encode_request` writes: the variable parts plus a generous
-/// allowance for each span's fixed fields, tags and length prefixes (under 110 bytes).
-fn encoded_len_bound(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> usize {
-    const PER_SPAN: usize = 160;
-    let header = 64 + resource.as_bytes().len() + scope.len();
-    spans.iter().fold(header, |n, s| {
-        n + PER_SPAN
-            + s.name.len()
-            + s.attributes.as_bytes().len()
-            + s.error.as_ref().map_or(0, |e| e.len() + 8)
-            + s.context.trace_state().header().len()
-    })
+/// The content lengths of the two messages around the spans.
+struct Lengths {
+    resource_spans: usize,
+    scope_spans: usize,
 }
 
-/// One `Span` message (opentelemetry/proto/trace/v1/trace.proto).
+impl Lengths {
+    fn of(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> Lengths {
+        let spans_len: usize = spans.iter().map(|s| framed(span_len(s))).sum();
+        let scope_spans = framed(framed(scope.len())) + spans_len;
+        Lengths {
+            resource_spans: framed(resource.as_bytes().len()) + framed(scope_spans),
+            scope_spans,
+        }
+    }
+}
+
+/// The exact length `encode_request` writes.
+fn encoded_len(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> usize {
+    framed(Lengths::of(resource, scope, spans).resource_spans)
+}
+
+/// The size of a length-delimited field (numbers 1 to 15) with `len` bytes of content: a
+/// one-byte tag, the length's varint and the content.
+fn framed(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// The tag and length of a length-delimited field whose content follows.
+fn head(out: &mut Vec<u8>, field: u32, len: usize) {
+    tag(out, field, LEN);
+    varint(out, len as u64);
+}
+
+/// The content length of `span`'s `Span` message, as `encode_span` writes it.
+fn span_len(span: &SpanRecord) -> usize {
+    let state = span.context.trace_state().header().len();
+    // trace_id and span_id (tag, length, bytes), kind, start and end, flags (a two-byte tag).
+    const FIXED: usize = 18 + 10 + 2 + 9 + 9 + 6;
+    FIXED
+        + if state > 0 { framed(state) } else { 0 }
+        + if span.parent.is_some() { 10 } else { 0 }
+        + framed(span.name.len())
+        + span.attributes.as_bytes().len()
+        + span.error.as_ref().map_or(0, |m| framed(status_len(m)))
+}
+
+/// `Status { message = 2, code = 3 }`: the message and a one-byte code.
+fn status_len(message: &str) -> usize {
+    framed(message.len()) + 2
+}
+
+/// One `Span` message (opentelemetry/proto/trace/v1/trace.proto), as field 2 of
+/// `ScopeSpans`. The fixed-size fields are assembled on the stack and appended in three
+/// copies rather than pushed byte by byte.
 fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
     let cx = &span.context;
-    bytes(out, 1, &cx.trace_id().to_bytes());
-    bytes(out, 2, &cx.span_id().to_bytes());
+    let len = span_len(span);
+    let start = out.len();
+    // ScopeSpans.spans (tag, length), Span.trace_id = 1 and span_id = 2.
+    let mut ids = [0u8; 1 + 10 + 28];
+    ids[0] = (2 << 3) | LEN as u8;
+    let mut n = 1 + varint_into_at(&mut ids, 1, len as u64);
+    ids[n] = (1 << 3) | LEN as u8;
+    ids[n + 1] = 16;
+    ids[n + 2..n + 18].copy_from_slice(&cx.trace_id().to_bytes());
+    ids[n + 18] = (2 << 3) | LEN as u8;
+    ids[n + 19] = 8;
+    ids[n + 20..n + 28].copy_from_slice(&cx.span_id().to_bytes());
+    n += 28;
+    out.extend_from_slice(&ids[..n]);
     let state = cx.trace_state().header();
     if !state.is_empty() {
         string(out, 3, &state);
     }
     if let Some(parent) = span.parent {
-        bytes(out, 4, &parent.span_id.to_bytes());
+        let mut p = [0u8; 10];
+        p[0] = (4 << 3) | LEN as u8;
+        p[1] = 8;
+        p[2..].copy_from_slice(&parent.span_id.to_bytes());
+        out.extend_from_slice(&p);
     }
     string(out, 5, &span.name);
-    let kind: u64 = match span.kind {
+    // Span.kind = 6, start_time_unix_nano = 7, end_time_unix_nano = 8.
+    let kind: u8 = match span.kind {
         SpanKind::Internal => 1,
         SpanKind::Server => 2,
         SpanKind::Client => 3,
         SpanKind::Producer => 4,
         SpanKind::Consumer => 5,
     };
-    tag(out, 6, VARINT);
-    varint(out, kind);
-    fixed64(out, 7, unix_nanos(span.start));
-    fixed64(out, 8, unix_nanos(span.end));
+    let mut times = [0u8; 20];
+    times[0] = (6 << 3) | VARINT as u8;
+    times[1] = kind;
+    times[2] = (7 << 3) | I64 as u8;
+    times[3..11].copy_from_slice(&unix_nanos(span.start).to_le_bytes());
+    times[11] = (8 << 3) | I64 as u8;
+    times[12..20].copy_from_slice(&unix_nanos(span.end).to_le_bytes());
+    out.extend_from_slice(&times);
     out.extend_from_slice(span.attributes.as_bytes());
     if let Some(message) = &span.error {
         // Status { message = 2, code = 3 (ERROR = 2) }
-        nested(out, 15, |out| {
-            string(out, 2, message);
-            tag(out, 3, VARINT);
-            varint(out, 2);
-        });
+        head(out, 15, status_len(message));
+        string(out, 2, message);
+        out.extend_from_slice(&[(3 << 3) | VARINT as u8, 2]);
     }
-    // Span.flags: the W3C trace flags in bits 0-7; bit 8 says bit 9 is known, bit 9 that the
-    // parent was remote (a span of another process).
+    // Span.flags = 16 (fixed32): the W3C trace flags in bits 0-7; bit 8 says bit 9 is
+    // known, bit 9 that the parent was remote (a span of another process).
     let mut flags = u32::from(cx.trace_flags().to_u8()) | 0x100;
     if span.parent.is_some_and(|p| p.remote) {
         flags |= 0x200;
     }
-    tag(out, 16, I32);
-    out.extend_from_slice(&flags.to_le_bytes());
+    // The tag of field 16, wire type 5 (fixed32), is the two-byte varint 133.
+    let f = flags.to_le_bytes();
+    out.extend_from_slice(&[0x85, 0x01, f[0], f[1], f[2], f[3]]);
+    debug_assert_eq!(out.len() - start, framed(len));
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
@@ -445,34 +513,6 @@ fn bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
 
 fn string(out: &mut Vec<u8>, field: u32, s: &str) {
     bytes(out, field, s.as_bytes());
-}
-
-fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
-    tag(out, field, I64);
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-/// A length-delimited field whose content `write` appends. The length is only known after,
-/// so one byte is set aside for it (enough below 128 bytes: every attribute and value); a
-/// longer message (a span) moves its content right by the extra length bytes, in place.
-/// That is cheaper than computing every nested length before writing, as prost does for
-/// each level.
-fn nested(out: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
-    tag(out, field, LEN);
-    let at = out.len();
-    out.push(0);
-    write(out);
-    let len = out.len() - at - 1;
-    if len < 0x80 {
-        out[at] = len as u8;
-        return;
-    }
-    let mut head = [0u8; 10];
-    let n = varint_into_at(&mut head, 0, len as u64);
-    let end = out.len();
-    out.resize(end + n - 1, 0);
-    out.copy_within(at + 1..end, at + n);
-    out[at..at + n].copy_from_slice(&head[..n]);
 }
 
 #[cfg(test)]
@@ -550,6 +590,7 @@ mod tests {
             error: i
                 .is_multiple_of(5)
                 .then(|| Cow::Owned(format!("upstream reset {i}"))),
+            children: Vec::new(),
         });
         (record, want)
     }
@@ -562,7 +603,7 @@ mod tests {
             let mut out = Vec::new();
             let resource = Attributes::resource("web-sidecar");
             encode_request(&mut out, &resource, "tern-proxy", &spans);
-            assert!(out.len() <= encoded_len_bound(&resource, "tern-proxy", &spans));
+            assert_eq!(out.len(), encoded_len(&resource, "tern-proxy", &spans));
             let req = ExportTraceServiceRequest::decode(out.as_slice()).unwrap();
             assert_eq!(req.resource_spans.len(), 1);
             let rs = &req.resource_spans[0];

@@ -66,6 +66,10 @@ pub struct SpanRecord {
     pub attributes: Attributes,
     /// Set when the span failed: the status message (status code ERROR).
     pub error: Option<Cow<'static, str>>,
+    /// A server span's ended attempts, queued with it: one queue send per request instead
+    /// of one per span (each send and receive takes the queue's atomics and its lock).
+    // Boxed: the records move between this list, the queue and the pool as pointers.
+    pub children: Vec<Box<SpanRecord>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +125,8 @@ impl Spare {
                     r.attributes.clear();
                     r.name.clear();
                     r.error = None;
+                    // Empty already (moved into the batch); cleared so it stays so.
+                    r.children.clear();
                     free.push(r);
                 }
             }
@@ -163,11 +169,12 @@ impl Tracing {
         self.spare.take().unwrap_or_else(|| blank_record(384))
     }
 
-    /// Queues a finished span without waiting.
+    /// Queues a finished span (with its children) without waiting.
     fn submit(&self, mut span: Box<SpanRecord>) {
         span.end = SystemTime::now();
-        if self.tx.try_send(span).is_err() {
-            self.dropped.inc();
+        if let Err(e) = self.tx.try_send(span) {
+            let lost = 1 + e.into_inner().children.len();
+            self.dropped.inc_by(lost as u64);
         }
     }
 
@@ -229,6 +236,7 @@ fn blank_record(attribute_bytes: usize) -> Box<SpanRecord> {
         end: SystemTime::UNIX_EPOCH,
         attributes: Attributes::with_capacity(attribute_bytes),
         error: None,
+        children: Vec::new(),
     })
 }
 
@@ -390,7 +398,14 @@ pub struct AttemptSpan {
 }
 
 impl AttemptSpan {
-    pub fn end(mut self, status: Option<u16>, error: Option<&str>) {
+    /// Ends the attempt. While its server span is open the record waits in it, to be
+    /// queued together with it; otherwise it is queued now.
+    pub fn end(
+        mut self,
+        server: Option<&mut ServerSpan>,
+        status: Option<u16>,
+        error: Option<&str>,
+    ) {
         let Some((mut r, tracing)) = self.span.take() else {
             return;
         };
@@ -404,7 +419,13 @@ impl AttemptSpan {
             r.attributes.str("error.type", e);
             r.error = Some(Cow::Owned(e.to_string()));
         }
-        tracing.submit(r);
+        match server.map(|s| &mut s.kind) {
+            Some(Sampling::Recording(parent, _)) => {
+                r.end = SystemTime::now();
+                parent.children.push(r);
+            }
+            _ => tracing.submit(r),
+        }
     }
 }
 
@@ -594,6 +615,14 @@ fn traceparent_bytes(sc: &SpanContext) -> [u8; 55] {
     out
 }
 
+/// A record and the attempts queued with it, each on its own in the batch.
+#[expect(clippy::vec_box)]
+fn push_family(batch: &mut Vec<Box<SpanRecord>>, mut record: Box<SpanRecord>) {
+    // Moves the boxes and leaves the record's list empty with its capacity.
+    batch.append(&mut record.children);
+    batch.push(record);
+}
+
 /// Exports in batches: after the first span of a quiet spell, waits `GATHER` for more, then
 /// sends up to `BATCH` at once; a fuller queue is sent batch after batch without waiting.
 /// One export per interval instead of one per wake-up: each export is a gRPC call with the
@@ -612,11 +641,11 @@ async fn export_loop(
         if !backlog {
             tokio::time::sleep(GATHER).await;
         }
-        batch.push(first);
+        push_family(&mut batch, first);
         while batch.len() < BATCH
             && let Ok(span) = rx.try_recv()
         {
-            batch.push(span);
+            push_family(&mut batch, span);
         }
         backlog = batch.len() == BATCH;
         let n = batch.len() as u64;
