@@ -28,6 +28,8 @@ pub struct Exporter {
     channel: Channel,
     /// `grpc-timeout` of every call: the receiver gives up when the exporter does.
     grpc_timeout: HeaderValue,
+    /// The last batch's buffer, for the next one.
+    spare: Vec<u8>,
     /// `Resource.attributes`, encoded once: the `service.name`.
     resource: Attributes,
     scope: &'static str,
@@ -71,6 +73,7 @@ impl Exporter {
         Ok(Exporter {
             channel,
             grpc_timeout,
+            spare: Vec::new(),
             resource: Attributes::resource(service_name),
             scope,
         })
@@ -86,13 +89,31 @@ impl Exporter {
     pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
         // Sized for the whole batch from the start: growing it would copy it again.
         let bound = FRAME_HEADER + encoded_len(&self.resource, self.scope, spans);
-        let mut buf = Vec::with_capacity(bound);
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.clear();
+        buf.reserve(bound);
         buf.extend_from_slice(&[0; FRAME_HEADER]);
         encode_request(&mut buf, &self.resource, self.scope, spans);
         let len = u32::try_from(buf.len() - FRAME_HEADER)
             .map_err(|_| ExportError::Transport("batch over 4 GiB".into()))?;
         // Not compressed (0), then the length, big endian.
         buf[1..FRAME_HEADER].copy_from_slice(&len.to_be_bytes());
+        let body = Bytes::from(buf);
+        let kept = body.clone();
+        let result = self.call(body).await;
+        // The buffer comes back when the call has let go of it (it has once the receiver
+        // answered, having read the request) and the next batch is written into it: a
+        // fresh 200 KiB allocation per batch cost page faults and malloc consolidation.
+        if let Ok(buf) = kept.try_into_mut().map(Vec::from)
+            && buf.capacity() <= SPARE_BUFFER
+        {
+            self.spare = buf;
+        }
+        result
+    }
+
+    /// One `Export` call with `body` (a framed message).
+    async fn call(&mut self, body: Bytes) -> Result<(), ExportError> {
         let request = http::Request::builder()
             .method(http::Method::POST)
             // The channel fills in the scheme and authority of the endpoint.
@@ -100,9 +121,7 @@ impl Exporter {
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
             .header("grpc-timeout", self.grpc_timeout.clone())
-            .body(tonic::body::Body::new(http_body_util::Full::new(
-                Bytes::from(buf),
-            )))
+            .body(tonic::body::Body::new(http_body_util::Full::new(body)))
             .map_err(|e| ExportError::Transport(e.to_string()))?;
         let mut channel = self.channel.clone();
         let response = channel
@@ -147,6 +166,9 @@ impl Exporter {
         }
     }
 }
+
+/// A batch buffer larger than this (long paths) is freed rather than kept.
+const SPARE_BUFFER: usize = 1 << 20;
 
 /// gRPC's message header: a compressed flag and a four-byte length.
 const FRAME_HEADER: usize = 5;
@@ -658,6 +680,50 @@ mod tests {
                 assert_eq!(&got_attrs, want_attrs);
             }
         }
+    }
+
+    /// A receiver that takes every batch.
+    #[derive(Default)]
+    struct Sink;
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+        for Sink
+    {
+        async fn export(
+            &self,
+            _: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// The batch buffer goes back to the exporter once the receiver has answered, and the
+    /// next batch is written into the same allocation.
+    #[tokio::test]
+    async fn the_batch_buffer_is_reused() {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Sink))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut exporter = Exporter::new(
+            &format!("http://{addr}"),
+            Duration::from_secs(5),
+            "web-sidecar",
+            "tern-proxy",
+        )
+        .unwrap();
+        let spans: Vec<_> = (0..20).map(|i| record(i, false).0).collect();
+        exporter.export(&spans).await.unwrap();
+        let (at, capacity) = (exporter.spare.as_ptr(), exporter.spare.capacity());
+        assert!(capacity >= encoded_len(&exporter.resource, "tern-proxy", &spans));
+        exporter.export(&spans[..10]).await.unwrap();
+        assert_eq!(exporter.spare.as_ptr(), at, "the same allocation");
+        assert_eq!(exporter.spare.capacity(), capacity);
     }
 
     #[test]
