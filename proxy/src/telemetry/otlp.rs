@@ -88,12 +88,13 @@ impl Exporter {
     /// five-byte message header and that one buffer becomes the request body.
     pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
         // Sized for the whole batch from the start: growing it would copy it again.
-        let bound = FRAME_HEADER + encoded_len(&self.resource, self.scope, spans);
+        let lengths = Lengths::of(&self.resource, self.scope, spans);
+        let bound = FRAME_HEADER + framed(lengths.resource_spans);
         let mut buf = std::mem::take(&mut self.spare);
         buf.clear();
         buf.reserve(bound);
         buf.extend_from_slice(&[0; FRAME_HEADER]);
-        encode_request(&mut buf, &self.resource, self.scope, spans);
+        write_request(&mut buf, &lengths, &self.resource, self.scope, spans);
         let len = u32::try_from(buf.len() - FRAME_HEADER)
             .map_err(|_| ExportError::Transport("batch over 4 GiB".into()))?;
         // Not compressed (0), then the length, big endian.
@@ -355,7 +356,23 @@ pub fn encode_request(
     scope: &str,
     spans: &[Box<SpanRecord>],
 ) {
-    let lengths = Lengths::of(resource, scope, spans);
+    write_request(
+        out,
+        &Lengths::of(resource, scope, spans),
+        resource,
+        scope,
+        spans,
+    );
+}
+
+/// `encode_request` with the lengths computed already.
+fn write_request(
+    out: &mut Vec<u8>,
+    lengths: &Lengths,
+    resource: &Attributes,
+    scope: &str,
+    spans: &[Box<SpanRecord>],
+) {
     let start = out.len();
     out.reserve(framed(lengths.resource_spans));
     // ExportTraceServiceRequest.resource_spans
@@ -392,6 +409,7 @@ impl Lengths {
 }
 
 /// The exact length `encode_request` writes.
+#[cfg(test)]
 fn encoded_len(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> usize {
     framed(Lengths::of(resource, scope, spans).resource_spans)
 }
@@ -410,7 +428,7 @@ fn head(out: &mut Vec<u8>, field: u32, len: usize) {
 
 /// The content length of `span`'s `Span` message, as `encode_span` writes it.
 fn span_len(span: &SpanRecord) -> usize {
-    let state = span.context.trace_state().header().len();
+    let state = state_header(&span.context).map_or(0, |h| h.len());
     // trace_id and span_id (tag, length, bytes), kind, start and end, flags (a two-byte tag).
     const FIXED: usize = 18 + 10 + 2 + 9 + 9 + 6;
     FIXED
@@ -419,6 +437,16 @@ fn span_len(span: &SpanRecord) -> usize {
         + framed(span.name.len())
         + span.attributes.as_bytes().len()
         + span.error.as_ref().map_or(0, |m| framed(status_len(m)))
+}
+
+/// The `tracestate` header of a span's context; `None` without one (nearly always), found
+/// without building the header text (asked for four times per span).
+fn state_header(cx: &opentelemetry::trace::SpanContext) -> Option<String> {
+    let state = cx.trace_state();
+    if *state == opentelemetry::trace::TraceState::NONE {
+        return None;
+    }
+    Some(state.header()).filter(|h| !h.is_empty())
 }
 
 /// `Status { message = 2, code = 3 }`: the message and a one-byte code.
@@ -445,8 +473,7 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
     ids[n + 20..n + 28].copy_from_slice(&cx.span_id().to_bytes());
     n += 28;
     out.extend_from_slice(&ids[..n]);
-    let state = cx.trace_state().header();
-    if !state.is_empty() {
+    if let Some(state) = state_header(cx) {
         string(out, 3, &state);
     }
     if let Some(parent) = span.parent {
@@ -687,9 +714,7 @@ mod tests {
     struct Sink;
 
     #[tonic::async_trait]
-    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-        for Sink
-    {
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Sink {
         async fn export(
             &self,
             _: tonic::Request<ExportTraceServiceRequest>,
