@@ -69,6 +69,7 @@ pub fn method(a: &mut Attributes, method: &Method) {
 pub fn scheme_and_version(a: &mut Attributes, version: Version) {
     match VERSIONS.iter().position(|(v, _)| *v == version) {
         Some(i) => a.raw(&ENCODED.versions[i]),
+        // Only HTTP/3 is not in `VERSIONS` (the proxy does not serve it today).
         None => {
             a.str("url.scheme", "http");
             a.str("network.protocol.version", "3");

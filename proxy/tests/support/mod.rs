@@ -181,6 +181,16 @@ impl Proxy {
     pub fn addr(&self, listener: &str) -> SocketAddr {
         self.app.bound_addresses()[listener]
     }
+
+    /// The value of one unlabelled series in the metrics (the line starting with `series`),
+    /// 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, self.app.registry()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
 }
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
