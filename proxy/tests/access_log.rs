@@ -139,8 +139,7 @@ async fn json_lines_describe_each_request_and_connection() {
     assert_eq!(tcp["bytes_sent"], 12);
     assert_eq!(tcp["upstream_endpoint"], echo.to_string());
 
-    let mut m = String::new();
-    prometheus_client::encoding::text::encode(&mut m, proxy.app.registry()).unwrap();
+    let m = proxy.metrics();
     assert!(m.contains("tern_access_log_records_written_total 4"), "{m}");
     assert!(m.contains("tern_access_log_records_dropped_total 0"), "{m}");
 }

@@ -63,12 +63,6 @@ async fn read_greeting(addr: SocketAddr) -> Duration {
     started.elapsed()
 }
 
-fn metrics(proxy: &Proxy) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, proxy.app.registry()).unwrap();
-    out
-}
-
 fn detections(m: &str, outcome: &str) -> u64 {
     let prefix =
         format!("tern_protocol_detections_total{{listener=\"mixed\",outcome=\"{outcome}\"}} ");
@@ -99,7 +93,7 @@ async fn server_first_protocols_wait_once_then_not_at_all() {
     );
     assert!(second < first, "first {first:?}, second {second:?}");
 
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert_eq!(detections(&m, "server_first"), 1, "{m}");
     assert_eq!(detections(&m, "server_first_remembered"), 1, "{m}");
 }
@@ -134,7 +128,7 @@ async fn one_port_serves_http1_http2_tls_and_opaque_bytes() {
         assert_eq!(back, bytes);
     }
 
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert_eq!(detections(&m, "http1"), 1, "{m}");
     assert_eq!(detections(&m, "http2"), 1, "{m}");
     assert_eq!(detections(&m, "opaque"), 1, "{m}");
@@ -165,7 +159,7 @@ async fn opaque_ports_are_never_sniffed() {
         .unwrap();
     assert_eq!(back, request);
     assert_eq!(web.hits(), 0);
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert_eq!(detections(&m, "opaque_port"), 1, "{m}");
     assert_eq!(detections(&m, "http1"), 0, "{m}");
 }

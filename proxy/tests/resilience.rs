@@ -189,12 +189,6 @@ const BREAKER_AND_OUTLIER: &str = "    circuit_breaker: { max_connections: 1024,
     outlier_detection: { consecutive_5xx: 5, consecutive_gateway_failure: 5, consecutive_connect_failure: 5,
                          interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50 }";
 
-fn metrics(proxy: &Proxy) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, proxy.app.registry()).unwrap();
-    out
-}
-
 /// The value of the first sample whose line starts with `prefix` (0 when absent).
 fn sample(metrics: &str, prefix: &str) -> f64 {
     metrics
@@ -306,7 +300,7 @@ async fn one_failing_endpoint_in_three_is_retried_around_and_ejected() {
     assert!(bad_state["ejection_seconds_left"].as_f64().unwrap() > 20.0);
     assert_eq!(state_of(&states, good_a.addr)["outlier"], "healthy");
 
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert_eq!(sample(&m, "tern_outlier_ejections_total{"), 1.0, "{m}");
     assert!(
         sample(&m, "tern_retries_total{") >= 5.0,
@@ -350,7 +344,7 @@ async fn a_hanging_endpoint_costs_at_most_one_per_try_timeout() {
     assert!(p99 < Duration::from_millis(600), "p99 {p99:?}");
     let p50 = percentile(&mut latencies, 0.50);
     assert!(p50 < Duration::from_millis(150), "p50 {p50:?}");
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(
         sample(&m, "tern_timeouts_total{service=\"api\",kind=\"per_try\"}") >= 50.0,
         "{m}"
@@ -388,7 +382,7 @@ async fn overload_fails_fast_with_the_header_and_never_exceeds_the_limit() {
         "upstream saw {}",
         slow.peak.load(Ordering::SeqCst)
     );
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(sample(&m, "tern_overloaded_total{") >= 150.0, "{m}");
 }
 
@@ -462,7 +456,7 @@ async fn a_failing_service_is_not_hammered_beyond_the_retry_budget() {
         "{retries} retries for {requests} requests"
     );
     assert!(retries >= 90, "the budget allowed only {retries} retries");
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     // Every retry that reached an endpoint is counted (a retry can still die on its way,
     // e.g. on a pooled connection the endpoint closed, so allow a few more in the metric).
     let counted = sample(&m, "tern_retries_total{") as usize;
@@ -589,7 +583,7 @@ async fn health_checks_gate_traffic_both_ways() {
         "the recovered endpoint got {} of 40",
         sick.hits()
     );
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(m.contains("tern_endpoint_unhealthy"), "{m}");
 }
 
@@ -618,7 +612,7 @@ async fn route_timeout_answers_504_with_a_reason() {
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(r.body.contains("timeout"), "{}", r.body);
     assert!(started.elapsed() < Duration::from_secs(2));
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert_eq!(
         sample(&m, "tern_timeouts_total{service=\"api\",kind=\"request\"}"),
         1.0,
@@ -717,7 +711,7 @@ async fn grpc_unavailable_is_retried_from_trailers_only_responses() {
         "the failing endpoint got {} calls",
         bad.hits()
     );
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(sample(&m, "tern_retries_total{") >= 3.0, "{m}");
 }
 

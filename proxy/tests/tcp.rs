@@ -43,7 +43,7 @@ services:
             .unwrap();
         assert_eq!(back.len(), payload.len(), "connection {i}");
     }
-    let metrics = tern_proxy_metrics(&proxy);
+    let metrics = proxy.metrics();
     assert!(
         metrics.contains("tern_tcp_connections_total{listener=\"raw\"} 12"),
         "{metrics}"
@@ -53,10 +53,4 @@ services:
             && metrics.contains("reason=\"connect\"} 1"),
         "{metrics}"
     );
-}
-
-fn tern_proxy_metrics(proxy: &Proxy) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, proxy.app.registry()).unwrap();
-    out
 }

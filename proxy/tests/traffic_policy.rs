@@ -15,12 +15,6 @@ fn config(upstream: SocketAddr, route: &str) -> String {
     )
 }
 
-fn metrics(proxy: &Proxy) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, proxy.app.registry()).unwrap();
-    out
-}
-
 #[tokio::test]
 async fn a_route_allows_its_burst_then_answers_429_with_retry_after() {
     let api = Upstream::start("api").await;
@@ -45,7 +39,7 @@ async fn a_route_allows_its_burst_then_answers_429_with_retry_after() {
     assert_eq!(api.hits(), ok, "refused requests reached the upstream");
     let retry_after: u64 = limited[0].header("retry-after").parse().unwrap();
     assert!((1..=1).contains(&retry_after), "{retry_after}");
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(
         m.contains(&format!(
             "tern_rate_limited_total{{listener=\"web\",route=\"0\"}} {}",
@@ -111,7 +105,7 @@ async fn faults_abort_and_delay_the_requests_they_are_meant_for() {
     let r = get(&client, proxy.addr("web"), "x", "/", &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(started.elapsed() >= Duration::from_millis(300));
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(
         m.contains("tern_faults_total{listener=\"web\",route=\"0\",kind=\"delay\"} 1"),
         "{m}"

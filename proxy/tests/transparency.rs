@@ -114,12 +114,6 @@ async fn echo_round(stream: &mut TcpStream, text: &[u8]) {
     assert_eq!(back, text);
 }
 
-fn metrics(proxy: &Proxy) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, proxy.app.registry()).unwrap();
-    out
-}
-
 #[tokio::test]
 async fn websocket_upgrade_tunnels_survive_a_route_change_and_half_close() {
     let upstream = upgrade_echo_server().await;
@@ -156,7 +150,7 @@ async fn websocket_upgrade_tunnels_survive_a_route_change_and_half_close() {
         .unwrap();
     assert!(rest.is_empty());
 
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     assert!(
         m.contains("tern_http_upgrades_total{listener=\"web\"} 1"),
         "{m}"
@@ -416,7 +410,7 @@ async fn without_a_policy_only_unsent_requests_are_retried() {
         let r = get(&client, proxy.addr("web"), "app", "/", &[]).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     }
-    let m = metrics(&proxy);
+    let m = proxy.metrics();
     // Once refused, the endpoint is also marked unavailable for a while, so the balancer
     // stops picking it: at least one retry, not necessarily one per request.
     let line = "tern_retries_total{service=\"app\",reason=\"connect-failure\"} ";

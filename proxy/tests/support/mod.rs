@@ -182,12 +182,18 @@ impl Proxy {
         self.app.bound_addresses()[listener]
     }
 
+    /// The proxy's metrics in Prometheus text, as `/metrics` serves them.
+    pub fn metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, self.app.registry()).unwrap();
+        text
+    }
+
     /// The value of one unlabelled series in the metrics (the line starting with `series`),
     /// 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, self.app.registry()).unwrap();
-        text.lines()
+        self.metrics()
+            .lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
