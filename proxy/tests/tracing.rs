@@ -78,6 +78,24 @@ async fn spans_continue_the_clients_trace_and_the_upstream_sees_the_proxys_span(
     assert_eq!(hex(&client.1.trace_id), TRACE);
     assert_eq!(client.1.parent_span_id, server.1.span_id);
     assert_eq!(hex(&client.1.span_id), parts[2]);
+    // Wall-clock times (read once per request, the rest from the monotonic clock): the
+    // attempt inside the request, the request within the last minute.
+    let (s, c) = (&server.1, &client.1);
+    assert!(
+        s.start_time_unix_nano <= c.start_time_unix_nano
+            && c.start_time_unix_nano <= c.end_time_unix_nano
+            && c.end_time_unix_nano <= s.end_time_unix_nano,
+        "server {s:?} client {c:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(
+        s.start_time_unix_nano <= now && now - s.start_time_unix_nano < 60_000_000_000,
+        "{} vs {now}",
+        s.start_time_unix_nano
+    );
     let attr = |s: &Span, k: &str| {
         s.attributes
             .iter()

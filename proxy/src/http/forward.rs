@@ -213,11 +213,11 @@ impl LogSlot {
     }
 
     /// Finishes a record whose response is not streamed through a `Tracked` body.
-    fn emit(mut self, status: StatusCode, flag: Flag, bytes_sent: u64, start: Instant) {
+    fn emit(mut self, status: StatusCode, flag: Flag, bytes_sent: u64, duration: Duration) {
         self.record.status = Some(status.as_u16());
         self.record.response_flags = flag.as_str();
         self.record.bytes_sent = bytes_sent;
-        self.record.set_duration(start.elapsed());
+        self.record.set_duration(duration);
         self.log.emit(self.record);
     }
 }
@@ -237,7 +237,7 @@ pub async fn handle(
             snapshot
                 .tracing
                 .as_ref()
-                .map(|t| server_span(t, &ctx, &req)),
+                .map(|t| server_span(t, &ctx, &req, start)),
         )
     };
     let mut slot = log.map(|log| LogSlot::new(log, &ctx, &req, span.as_ref()));
@@ -289,11 +289,15 @@ fn finish(
     bytes_sent: u64,
     start: Instant,
 ) {
+    if slot.is_none() && span.is_none() {
+        return;
+    }
+    let now = Instant::now();
     if let Some(slot) = slot {
-        slot.emit(status, flag, bytes_sent, start);
+        slot.emit(status, flag, bytes_sent, now - start);
     }
     if let Some(span) = span {
-        span.end(status.as_u16(), flag.as_str());
+        span.end(now, status.as_u16(), flag.as_str());
     }
 }
 
@@ -475,6 +479,7 @@ async fn forward(
         let attempt_span = span.as_ref().map(|s| {
             attempt_span(
                 s,
+                attempt_start,
                 &method,
                 service,
                 endpoint,
@@ -496,20 +501,20 @@ async fn forward(
             Some(at) => tokio::time::timeout_at(at, endpoint.pool.send(request)).await,
             None => Ok(endpoint.pool.send(request).await),
         };
+        // One clock read serves the attempt's span, the EWMA, the histogram and outlier
+        // detection.
+        let now = Instant::now();
         if let Some(a) = attempt_span {
+            let server = span.as_mut();
             match &sent {
-                Ok(Ok((response, _))) => {
-                    a.end(span.as_mut(), Some(response.status().as_u16()), None)
-                }
-                Ok(Err(e)) if e.is_connect() => a.end(span.as_mut(), None, Some("connect_failure")),
-                Ok(Err(_)) => a.end(span.as_mut(), None, Some("reset")),
-                Err(_) => a.end(span.as_mut(), None, Some("timeout")),
+                Ok(Ok((response, _))) => a.end(server, now, Some(response.status().as_u16()), None),
+                Ok(Err(e)) if e.is_connect() => a.end(server, now, None, Some("connect_failure")),
+                Ok(Err(_)) => a.end(server, now, None, Some("reset")),
+                Err(_) => a.end(server, now, None, Some("timeout")),
             }
         }
         let (reason, delay) = match sent {
             Ok(Ok((response, lease))) => {
-                // One clock read serves the EWMA, the histogram and outlier detection.
-                let now = Instant::now();
                 let elapsed = now - attempt_start;
                 state.load.observe(elapsed, now);
                 service.metrics.latency.observe(elapsed.as_secs_f64());
@@ -577,7 +582,6 @@ async fn forward(
                 if let Some(limit) = e.overloaded() {
                     return Err(overloaded(service, limit));
                 }
-                let now = Instant::now();
                 let (attempt, refusal) = if e.never_processed() {
                     // Counted as a reset, but retried like a connect failure: the request
                     // never reached the application.
@@ -627,7 +631,6 @@ async fn forward(
                 }
             }
             Err(_elapsed) => {
-                let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
                     return Err(request_timeout(service, route));
                 }
@@ -892,8 +895,13 @@ fn route_index(routes: &[RouteRt], route: &RouteRt) -> usize {
 /// The server span of a request, with the HTTP semantic-convention attributes known at its
 /// start (written only when the request is sampled, from borrowed text: no allocation per
 /// attribute).
-fn server_span(tracer: &Arc<Tracing>, ctx: &ConnContext, req: &Request<Incoming>) -> ServerSpan {
-    tracer.server_span(req.headers(), |a, name| {
+fn server_span(
+    tracer: &Arc<Tracing>,
+    ctx: &ConnContext,
+    req: &Request<Incoming>,
+    start: Instant,
+) -> ServerSpan {
+    tracer.server_span(req.headers(), start, |a, name| {
         let host = req
             .uri()
             .host()
@@ -937,13 +945,14 @@ fn host_of(authority: &str) -> &str {
 /// The client span of one upstream attempt; it writes `traceparent` into `headers`.
 fn attempt_span(
     span: &ServerSpan,
+    start: Instant,
     method: &http::Method,
     service: &ServiceRt,
     endpoint: &Endpoint,
     retries: u32,
     headers: &mut http::HeaderMap,
 ) -> AttemptSpan {
-    span.attempt(headers, |a, name| {
+    span.attempt(headers, start, |a, name| {
         let addr = endpoint.state.addr;
         semconv::method(a, method);
         a.raw(endpoint.state.span_attributes.get_or_init(|| {

@@ -8,7 +8,7 @@
 //! encoder writes the same message in one pass over the records into one reused buffer. The
 //! schema is opentelemetry-proto's; the tests decode what is written with its types.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -269,19 +269,31 @@ impl Attributes {
     /// An integer attribute.
     pub fn int(&mut self, key: &str, value: i64) {
         // AnyValue { int_value = 3 }: the two's complement as an unsigned varint.
-        let any = 1 + varint_len(value as u64);
+        let v = value as u64;
+        let any = 1 + varint_len(v);
+        // The common case, a short key: both lengths are one byte, so the headers are
+        // fixed, as in `str` (the general path had cost five times as much).
+        if key.len() + any < SHORT {
+            let kv = 2 + key.len() + 2 + any;
+            let field = (self.field << 3 | LEN) as u8;
+            // KeyValue.value's header, AnyValue's tag and the varint (at most ten bytes).
+            let mut tail = [0u8; 13];
+            tail[0] = (2 << 3) | LEN as u8;
+            tail[1] = any as u8;
+            tail[2] = (3 << 3) | VARINT as u8;
+            let n = 3 + varint_into_at(&mut tail, 3, v);
+            let out = &mut self.bytes;
+            out.reserve(2 + kv);
+            out.extend_from_slice(&[field, kv as u8, (1 << 3) | LEN as u8, key.len() as u8]);
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&tail[..n]);
+            return;
+        }
         self.key_value(key, any);
         let mut head = [0u8; 11];
         head[0] = (3 << 3) | VARINT as u8;
-        let mut v = value as u64;
-        let mut n = 1;
-        while v >= 0x80 {
-            head[n] = (v as u8 & 0x7f) | 0x80;
-            v >>= 7;
-            n += 1;
-        }
-        head[n] = v as u8;
-        self.bytes.extend_from_slice(&head[..=n]);
+        let n = 1 + varint_into_at(&mut head, 1, v);
+        self.bytes.extend_from_slice(&head[..n]);
     }
 
     /// The field and `KeyValue` headers and the key, for a value of `any` bytes: assembled
@@ -496,9 +508,9 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
     times[0] = (6 << 3) | VARINT as u8;
     times[1] = kind;
     times[2] = (7 << 3) | I64 as u8;
-    times[3..11].copy_from_slice(&unix_nanos(span.start).to_le_bytes());
+    times[3..11].copy_from_slice(&span.start_unix_nano.to_le_bytes());
     times[11] = (8 << 3) | I64 as u8;
-    times[12..20].copy_from_slice(&unix_nanos(span.end).to_le_bytes());
+    times[12..20].copy_from_slice(&span.end_unix_nano.to_le_bytes());
     out.extend_from_slice(&times);
     out.extend_from_slice(span.attributes.as_bytes());
     if let Some(message) = &span.error {
@@ -517,12 +529,6 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
     let f = flags.to_le_bytes();
     out.extend_from_slice(&[0x85, 0x01, f[0], f[1], f[2], f[3]]);
     debug_assert_eq!(out.len() - start, framed(len));
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn tag(out: &mut Vec<u8>, field: u32, wire: u32) {
@@ -555,6 +561,12 @@ fn varint_into_at(buf: &mut [u8], at: usize, mut v: u64) -> usize {
 }
 
 fn bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
+    // Nearly always (span names, the scope): a one-byte tag and a one-byte length.
+    if field < 16 && data.len() < 0x80 {
+        out.extend_from_slice(&[(field << 3 | LEN) as u8, data.len() as u8]);
+        out.extend_from_slice(data);
+        return;
+    }
     tag(out, field, LEN);
     varint(out, data.len() as u64);
     out.extend_from_slice(data);
@@ -615,6 +627,23 @@ mod tests {
             attributes.int(k, v);
             want.push((k.to_string(), Pv::IntValue(v)));
         }
+        // Either side of the integers' fast path (key + value header under SHORT bytes),
+        // with one- and eleven-byte values.
+        for key_len in [
+            SHORT - 12,
+            SHORT - 11,
+            SHORT - 3,
+            SHORT - 2,
+            SHORT - 1,
+            SHORT,
+            130,
+        ] {
+            for v in [1_i64, -1] {
+                let key = "i".repeat(key_len) + if v < 0 { "-" } else { "+" };
+                attributes.int(&key, v);
+                want.push((key, Pv::IntValue(v)));
+            }
+        }
         let record = Box::new(SpanRecord {
             context: SpanContext::new(
                 TraceId::from(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10_u128 + u128::from(i)),
@@ -632,9 +661,14 @@ mod tests {
             } else {
                 SpanKind::Client
             },
-            name: format!("GET api {i}"),
-            start: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + i),
-            end: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_500_000_000 + i),
+            // Past 127 bytes in the long record: a two-byte length.
+            name: if long {
+                format!("GET {}", "n".repeat(200))
+            } else {
+                format!("GET api {i}")
+            },
+            start_unix_nano: 1_700_000_000_000_000_000 + i,
+            end_unix_nano: 1_700_000_000_500_000_000 + i,
             attributes,
             error: i
                 .is_multiple_of(5)
@@ -684,8 +718,8 @@ mod tests {
                 assert_eq!(got.name, want.name);
                 let kind = if want.kind == SpanKind::Server { 2 } else { 3 };
                 assert_eq!(got.kind, kind);
-                assert_eq!(got.start_time_unix_nano, unix_nanos(want.start));
-                assert_eq!(got.end_time_unix_nano, unix_nanos(want.end));
+                assert_eq!(got.start_time_unix_nano, want.start_unix_nano);
+                assert_eq!(got.end_time_unix_nano, want.end_unix_nano);
                 let remote = want.parent.is_some_and(|p| p.remote);
                 assert_eq!(
                     got.flags,

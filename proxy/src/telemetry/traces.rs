@@ -14,6 +14,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
@@ -61,8 +63,8 @@ pub struct SpanRecord {
     pub kind: SpanKind,
     /// Kept (with its capacity) when the record is reused.
     pub name: String,
-    pub start: SystemTime,
-    pub end: SystemTime,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
     pub attributes: Attributes,
     /// Set when the span failed: the status message (status code ERROR).
     pub error: Option<Cow<'static, str>>,
@@ -170,15 +172,15 @@ impl Tracing {
     }
 
     /// Queues a finished span (with its children) without waiting.
-    fn submit(&self, mut span: Box<SpanRecord>) {
-        span.end = SystemTime::now();
+    fn submit(&self, span: Box<SpanRecord>) {
         if let Err(e) = self.tx.try_send(span) {
             let lost = 1 + e.into_inner().children.len();
             self.dropped.inc_by(lost as u64);
         }
     }
 
-    /// Starts the server span of a request, as a child of the incoming trace context.
+    /// Starts the server span of a request that arrived at `start`, as a child of the
+    /// incoming trace context.
     ///
     /// Sampling is decided first: the parent's flag when the request carries a context,
     /// else the new trace id against the ratio. An unsampled request gets no record and no
@@ -187,6 +189,7 @@ impl Tracing {
     pub fn server_span(
         self: &Arc<Self>,
         headers: &HeaderMap,
+        start: Instant,
         describe: impl FnOnce(&mut Attributes, &mut String),
     ) -> ServerSpan {
         let found = TraceHeaders::scan(headers);
@@ -209,7 +212,7 @@ impl Tracing {
         }
         let mut record = self.record();
         describe(&mut record.attributes, &mut record.name);
-        let now = SystemTime::now();
+        let anchor = Anchor::new(start);
         record.context =
             SpanContext::new(trace_id, new_span_id(), TraceFlags::SAMPLED, false, state);
         record.parent = parent.map(|p| Parent {
@@ -217,12 +220,43 @@ impl Tracing {
             remote: true,
         });
         record.kind = SpanKind::Server;
-        record.start = now;
-        record.end = now;
+        record.start_unix_nano = anchor.unix_nanos;
+        record.end_unix_nano = anchor.unix_nanos;
         ServerSpan {
-            kind: Sampling::Recording(record, Arc::clone(self)),
+            kind: Sampling::Recording(record, Arc::clone(self), anchor),
             strip_b3,
         }
+    }
+}
+
+/// The wall-clock time of a request's span events, from the monotonic instants the data
+/// path reads anyway (request start, attempt start and end, response end): the wall clock
+/// is read once, when the server span starts, and every later time is that plus the
+/// monotonic time since, as OpenTelemetry's SDKs anchor a trace's spans to its root. Three
+/// clock reads fewer per sampled request, and an attempt can never seem to start before
+/// its parent when the wall clock steps.
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    unix_nanos: u64,
+    at: Instant,
+}
+
+impl Anchor {
+    /// Pairs `at` with the wall clock now (microseconds later: `at` was read when the
+    /// request arrived, before its span could be started).
+    fn new(at: Instant) -> Anchor {
+        let unix_nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Anchor { unix_nanos, at }
+    }
+
+    /// The wall-clock time of `t` in nanoseconds since the Unix epoch; an instant before
+    /// the anchor counts as the anchor.
+    fn unix_nanos(&self, t: Instant) -> u64 {
+        let since = t.saturating_duration_since(self.at);
+        self.unix_nanos
+            .saturating_add(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
     }
 }
 
@@ -232,8 +266,8 @@ fn blank_record(attribute_bytes: usize) -> Box<SpanRecord> {
         parent: None,
         kind: SpanKind::Internal,
         name: String::with_capacity(32),
-        start: SystemTime::UNIX_EPOCH,
-        end: SystemTime::UNIX_EPOCH,
+        start_unix_nano: 0,
+        end_unix_nano: 0,
         attributes: Attributes::with_capacity(attribute_bytes),
         error: None,
         children: Vec::new(),
@@ -280,8 +314,9 @@ pub struct ServerSpan {
 
 #[derive(Debug)]
 enum Sampling {
-    /// Sampled: a record that is exported (through the tracer) when the span ends.
-    Recording(Box<SpanRecord>, Arc<Tracing>),
+    /// Sampled: a record that is exported (through the tracer) when the span ends, and the
+    /// clock anchor of its times.
+    Recording(Box<SpanRecord>, Arc<Tracing>, Anchor),
     /// Not sampled: only the context that is propagated.
     Unsampled(SpanContext),
     /// Ended and queued.
@@ -291,7 +326,7 @@ enum Sampling {
 impl ServerSpan {
     pub fn trace_id(&self) -> TraceId {
         match &self.kind {
-            Sampling::Recording(r, _) => r.context.trace_id(),
+            Sampling::Recording(r, ..) => r.context.trace_id(),
             Sampling::Unsampled(sc) => sc.trace_id(),
             Sampling::Ended => TraceId::INVALID,
         }
@@ -301,11 +336,12 @@ impl ServerSpan {
         matches!(self.kind, Sampling::Recording(..))
     }
 
-    /// A client span for one upstream attempt; its context goes upstream in `traceparent`.
-    /// `describe` (name and attributes) is only called for a recording span.
+    /// A client span for one upstream attempt started at `start`; its context goes upstream
+    /// in `traceparent`. `describe` (name and attributes) is only called for a recording span.
     pub fn attempt(
         &self,
         headers: &mut HeaderMap,
+        start: Instant,
         describe: impl FnOnce(&mut Attributes, &mut String),
     ) -> AttemptSpan {
         match &self.kind {
@@ -314,11 +350,11 @@ impl ServerSpan {
                 AttemptSpan { span: None }
             }
             Sampling::Ended => AttemptSpan { span: None },
-            Sampling::Recording(server, tracing) => {
+            Sampling::Recording(server, tracing, anchor) => {
                 let mut record = tracing.record();
                 describe(&mut record.attributes, &mut record.name);
                 let cx = &server.context;
-                let now = SystemTime::now();
+                let now = anchor.unix_nanos(start);
                 record.context = SpanContext::new(
                     cx.trace_id(),
                     new_span_id(),
@@ -331,11 +367,11 @@ impl ServerSpan {
                     remote: false,
                 });
                 record.kind = SpanKind::Client;
-                record.start = now;
-                record.end = now;
+                record.start_unix_nano = now;
+                record.end_unix_nano = now;
                 inject(&record.context, headers, self.strip_b3);
                 AttemptSpan {
-                    span: Some((record, Arc::clone(tracing))),
+                    span: Some((record, Arc::clone(tracing), *anchor)),
                 }
             }
         }
@@ -343,18 +379,20 @@ impl ServerSpan {
 
     /// Adds an integer attribute (after the start, e.g. the retry count).
     pub fn set_int(&mut self, key: &str, value: i64) {
-        if let Sampling::Recording(r, _) = &mut self.kind {
+        if let Sampling::Recording(r, ..) = &mut self.kind {
             r.attributes.int(key, value);
         }
     }
 
-    /// Ends the span with the response status (5xx and the proxy's own failures are errors).
-    pub fn end(mut self, status: u16, outcome: &str) {
-        let Sampling::Recording(mut r, tracing) =
+    /// Ends the span at `at` with the response status (5xx and the proxy's own failures are
+    /// errors).
+    pub fn end(mut self, at: Instant, status: u16, outcome: &str) {
+        let Sampling::Recording(mut r, tracing, anchor) =
             std::mem::replace(&mut self.kind, Sampling::Ended)
         else {
             return;
         };
+        r.end_unix_nano = anchor.unix_nanos(at);
         r.attributes
             .int("http.response.status_code", i64::from(status));
         if outcome != "-" {
@@ -372,9 +410,10 @@ impl Drop for ServerSpan {
     /// Dropped without `end`: the request was cancelled before its response began (the
     /// client reset the stream or closed the connection). Exported so the wait shows.
     fn drop(&mut self) {
-        if let Sampling::Recording(mut r, tracing) =
+        if let Sampling::Recording(mut r, tracing, anchor) =
             std::mem::replace(&mut self.kind, Sampling::Ended)
         {
+            r.end_unix_nano = anchor.unix_nanos(Instant::now());
             r.attributes.str("tern.outcome", DOWNSTREAM_DISCONNECT);
             tracing.submit(r);
         }
@@ -394,21 +433,23 @@ const DOWNSTREAM_DISCONNECT: &str = "downstream_disconnect";
 /// One upstream attempt's client span (`None` when the request is not sampled).
 #[derive(Debug)]
 pub struct AttemptSpan {
-    span: Option<(Box<SpanRecord>, Arc<Tracing>)>,
+    span: Option<(Box<SpanRecord>, Arc<Tracing>, Anchor)>,
 }
 
 impl AttemptSpan {
-    /// Ends the attempt. While its server span is open the record waits in it, to be
-    /// queued together with it; otherwise it is queued now.
+    /// Ends the attempt at `at`. While its server span is open the record waits in it, to
+    /// be queued together with it; otherwise it is queued now.
     pub fn end(
         mut self,
         server: Option<&mut ServerSpan>,
+        at: Instant,
         status: Option<u16>,
         error: Option<&str>,
     ) {
-        let Some((mut r, tracing)) = self.span.take() else {
+        let Some((mut r, tracing, anchor)) = self.span.take() else {
             return;
         };
+        r.end_unix_nano = anchor.unix_nanos(at);
         if let Some(s) = status {
             r.attributes.int("http.response.status_code", i64::from(s));
             if s >= 500 {
@@ -420,10 +461,7 @@ impl AttemptSpan {
             r.error = Some(Cow::Owned(e.to_string()));
         }
         match server.map(|s| &mut s.kind) {
-            Some(Sampling::Recording(parent, _)) => {
-                r.end = SystemTime::now();
-                parent.children.push(r);
-            }
+            Some(Sampling::Recording(parent, ..)) => parent.children.push(r),
             _ => tracing.submit(r),
         }
     }
@@ -431,7 +469,8 @@ impl AttemptSpan {
 
 impl Drop for AttemptSpan {
     fn drop(&mut self) {
-        if let Some((r, tracing)) = self.span.take() {
+        if let Some((mut r, tracing, anchor)) = self.span.take() {
+            r.end_unix_nano = anchor.unix_nanos(Instant::now());
             tracing.submit(r);
         }
     }
@@ -700,6 +739,26 @@ mod tests {
         assert!(sample_root(root_threshold(1.0), u128::MAX));
         assert!(!sample_root(root_threshold(0.5), u128::from(u64::MAX)));
         assert!(sample_root(root_threshold(0.5), 1 << 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn span_times_are_one_wall_clock_read_plus_monotonic_time() {
+        let start = Instant::now();
+        let anchor = Anchor::new(start);
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(anchor.unix_nanos <= wall && wall - anchor.unix_nanos < 1_000_000_000);
+        assert_eq!(anchor.unix_nanos(start), anchor.unix_nanos);
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(
+            anchor.unix_nanos(Instant::now()) - anchor.unix_nanos,
+            250_000_000
+        );
+        // An instant before the anchor (read before the span started) is the anchor.
+        let earlier = Anchor::new(Instant::now());
+        assert_eq!(earlier.unix_nanos(start), earlier.unix_nanos);
     }
 
     #[test]
