@@ -241,12 +241,8 @@ impl Attributes {
         // The common case, a short key and value: every length fits one varint byte, so
         // the whole attribute is two fixed four-byte headers around the two texts.
         if key.len() + value.len() < SHORT {
-            let field = (self.field << 3 | LEN) as u8;
-            let kv = 2 + key.len() + 2 + 2 + value.len();
+            self.short_key(key, 2 + 2 + value.len());
             let out = &mut self.bytes;
-            out.reserve(2 + kv);
-            out.extend_from_slice(&[field, kv as u8, (1 << 3) | LEN as u8, key.len() as u8]);
-            out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(&[
                 (2 << 3) | LEN as u8,
                 (2 + value.len()) as u8,
@@ -272,21 +268,16 @@ impl Attributes {
         let v = value as u64;
         let any = 1 + varint_len(v);
         // The common case, a short key: both lengths are one byte, so the headers are
-        // fixed, as in `str` (the general path had cost five times as much).
+        // fixed, as in `str` (the general path cost about 2.5 times as much).
         if key.len() + any < SHORT {
-            let kv = 2 + key.len() + 2 + any;
-            let field = (self.field << 3 | LEN) as u8;
+            self.short_key(key, 2 + any);
             // KeyValue.value's header, AnyValue's tag and the varint (at most ten bytes).
             let mut tail = [0u8; 13];
             tail[0] = (2 << 3) | LEN as u8;
             tail[1] = any as u8;
             tail[2] = (3 << 3) | VARINT as u8;
             let n = 3 + varint_into_at(&mut tail, 3, v);
-            let out = &mut self.bytes;
-            out.reserve(2 + kv);
-            out.extend_from_slice(&[field, kv as u8, (1 << 3) | LEN as u8, key.len() as u8]);
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(&tail[..n]);
+            self.bytes.extend_from_slice(&tail[..n]);
             return;
         }
         self.key_value(key, any);
@@ -294,6 +285,19 @@ impl Attributes {
         head[0] = (3 << 3) | VARINT as u8;
         let n = 1 + varint_into_at(&mut head, 1, v);
         self.bytes.extend_from_slice(&head[..n]);
+    }
+
+    /// The field and `KeyValue` headers and the key of an attribute whose `KeyValue.value`
+    /// field takes `value` bytes (its own header included), when the key and value are
+    /// short enough (under `SHORT`) for every length to be one byte; room for the value is
+    /// reserved.
+    fn short_key(&mut self, key: &str, value: usize) {
+        let kv = 2 + key.len() + value;
+        let field = (self.field << 3 | LEN) as u8;
+        let out = &mut self.bytes;
+        out.reserve(2 + kv);
+        out.extend_from_slice(&[field, kv as u8, (1 << 3) | LEN as u8, key.len() as u8]);
+        out.extend_from_slice(key.as_bytes());
     }
 
     /// The field and `KeyValue` headers and the key, for a value of `any` bytes: assembled
