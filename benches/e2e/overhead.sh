@@ -10,6 +10,11 @@
 # nginx upstream and the proxies on core 1. Every proxy runs for the whole script, idle while
 # another one is measured.
 #
+# Beside each throughput ratio the script gives the ratio of the proxy's own CPU time per
+# request (utime + stime from /proc, over the same runs): what a saturated sidecar's
+# throughput follows, and steadier than req/s where the load generator and nginx share the
+# noise of the VM. Above 1 the variant costs more CPU per request than the plain proxy.
+#
 # Usage: benches/e2e/overhead.sh            (about 1 minute per pair and protocol)
 # Env:   PAIRS=10  DUR=4 (seconds per run)  PROTOS="h1 h2c"  TERN_BIN=...  OTLP_SINK=...
 # Needs: nginx wrk h2load python3 curl taskset chrt
@@ -66,6 +71,8 @@ $4
 EOF
     RUST_LOG=warn taskset -c 1 "$TERN_BIN" --config "$f" >"$TMP/$1.out" 2>&1 &
     PIDS+=("$!")
+    # taskset execs the proxy: this is its pid, for its CPU time.
+    eval "PID_$(echo "$1" | tr a-z A-Z)=$!"
     for _ in $(seq 100); do
         curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$2/" 2>/dev/null && return 0
         sleep 0.1
@@ -81,44 +88,66 @@ start t1 "$P_T1" "$A_T1" "telemetry:
 start t100 "$P_T100" "$A_T100" "telemetry:
   tracing: { otlp_endpoint: \"http://127.0.0.1:$P_OTLP\", sample_ratio: 1.0 }"
 
-rate() { # proto, port, seconds -> requests per second
+cpu_ticks() { # pid -> utime + stime of the whole process (dead threads included)
+    # Fields 14 and 15 of /proc/PID/stat; counted after the ")" that ends the name.
+    sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+rate() { # proto, port, seconds, proxy pid -> "requests/s  proxy CPU µs per request"
+    local out before after n rps
+    before="$(cpu_ticks "$4")"
     case "$1" in
-        h1) taskset -c 0 wrk -t1 -c32 -d"$3"s "http://127.0.0.1:$2/" |
-            awk '/^Requests\/sec/ { print $2 }' ;;
-        h2c) taskset -c 0 h2load -c16 -m10 -D "$3" "http://127.0.0.1:$2/" 2>/dev/null |
-            awk '/^finished in/ { gsub(",", "", $4); print $4 }' ;;
+        h1) out="$(taskset -c 0 wrk -t1 -c32 -d"$3"s "http://127.0.0.1:$2/")"
+            n="$(awk '/ requests in / { print $1 }' <<<"$out")"
+            rps="$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")" ;;
+        h2c) out="$(taskset -c 0 h2load -c16 -m10 -D "$3" "http://127.0.0.1:$2/" 2>/dev/null)"
+            n="$(awk '/^requests:/ { print $8 }' <<<"$out")"
+            rps="$(awk '/^finished in/ { gsub(",", "", $4); print $4 }' <<<"$out")" ;;
     esac
+    after="$(cpu_ticks "$4")"
+    awk -v r="$rps" -v n="$n" -v t=$((after - before)) -v us="$TICK_US" \
+        'BEGIN { printf "%s %.3f\n", r, (n > 0 ? t * us / n : 0) }'
 }
 
 # Warm every proxy (pools, page cache, the export connection).
 for proto in $PROTOS; do
-    for port in "$P_PLAIN" "$P_LOG" "$P_T1" "$P_T100"; do rate "$proto" "$port" 1 >/dev/null; done
+    for v in PLAIN LOG T1 T100; do
+        eval "rate \"\$proto\" \"\$P_$v\" 1 \"\$PID_$v\"" >/dev/null
+    done
 done
 
-echo "| protocol | variant | × plain: median of $PAIRS pairs | quartiles | plain req/s (median) |"
-echo "|---|---|---|---|---|"
+echo "| protocol | variant | req/s × plain: median of $PAIRS pairs | quartiles | proxy CPU/request × plain: median | quartiles | plain req/s, CPU µs/request (medians) |"
+echo "|---|---|---|---|---|---|---|"
 for proto in $PROTOS; do
     for variant in log t1 t100; do
-        eval "port=\$P_$(echo "$variant" | tr a-z A-Z)"
+        V="$(echo "$variant" | tr a-z A-Z)"
+        eval "port=\$P_$V pid=\$PID_$V"
         : >"$TMP/pairs"
         for i in $(seq "$PAIRS"); do
             # Alternate which goes first, so a drift within a pair cancels out over pairs.
             if [ $((i % 2)) = 1 ]; then
-                a="$(rate "$proto" "$P_PLAIN" "$DUR")"; b="$(rate "$proto" "$port" "$DUR")"
+                a="$(rate "$proto" "$P_PLAIN" "$DUR" "$PID_PLAIN")"; b="$(rate "$proto" "$port" "$DUR" "$pid")"
             else
-                b="$(rate "$proto" "$port" "$DUR")"; a="$(rate "$proto" "$P_PLAIN" "$DUR")"
+                b="$(rate "$proto" "$port" "$DUR" "$pid")"; a="$(rate "$proto" "$P_PLAIN" "$DUR" "$PID_PLAIN")"
             fi
             echo "$a $b" >>"$TMP/pairs"
         done
         python3 - "$proto" "$variant" "$TMP/pairs" <<'EOF'
 import statistics, sys
 proto, variant, path = sys.argv[1:]
-pairs = [tuple(map(float, l.split())) for l in open(path) if l.strip()]
-ratios = sorted(b / a for a, b in pairs if a > 0)
-q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+rows = [tuple(map(float, l.split())) for l in open(path) if l.strip()]
+# Each row: plain req/s, plain CPU µs/request, variant req/s, variant CPU µs/request.
+def summary(values):
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return f"{statistics.median(values):.3f} | {q[0]:.3f}-{q[2]:.3f}"
+rps = summary(b / a for a, _, b, _ in rows if a > 0)
+cpu = summary(d / c for _, c, _, d in rows if c > 0)
 names = {"log": "JSON access log to a file", "t1": "tracing 1 %", "t100": "tracing 100 %"}
-print(f"| {proto} | {names[variant]} | {statistics.median(ratios):.3f} | {q[0]:.3f}-{q[2]:.3f} "
-      f"| {statistics.median(a for a, _ in pairs):.0f} |")
+print(f"| {proto} | {names[variant]} | {rps} | {cpu} "
+      f"| {statistics.median(a for a, *_ in rows):.0f}, "
+      f"{statistics.median(c for _, c, *_ in rows):.1f} |")
 EOF
     done
 done

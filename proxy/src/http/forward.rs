@@ -561,7 +561,7 @@ async fn forward(
                             (s.log, s.record)
                         });
                         if let Some(s) = span.as_mut().filter(|s| s.is_recording()) {
-                            s.set_int("tern.retries", i64::from(retrier.retries));
+                            s.set_int(&semconv::RETRIES, i64::from(retrier.retries));
                         }
                         let body = Tracked::new(
                             response_body,
@@ -913,8 +913,8 @@ fn server_span(
             })
             .unwrap_or_default();
         semconv::method(a, req.method());
-        a.str("url.path", req.uri().path());
-        a.str("server.address", host);
+        a.str_key(&semconv::URL_PATH, req.uri().path());
+        a.str_key(&semconv::SERVER_ADDRESS, host);
         semconv::scheme_and_version(a, req.version());
         a.raw(ctx.span_attributes.get_or_init(|| {
             let mut once = Attributes::with_capacity(128);
@@ -966,9 +966,11 @@ fn attempt_span(
             once.str("server.address", ip);
             once.int("server.port", i64::from(addr.port()));
             once.str("tern.endpoint", &text);
+            // The endpoint's state belongs to this service (it is carried over a reload
+            // by service name), so the service's name is constant here too.
+            once.str("tern.service", &service.config.name);
             once.into_boxed()
         }));
-        a.str("tern.service", &service.config.name);
         if retries > 0 {
             a.int("http.request.resend_count", i64::from(retries));
         }

@@ -30,6 +30,8 @@ pub struct Exporter {
     grpc_timeout: HeaderValue,
     /// The last batch's buffer, for the next one.
     spare: Vec<u8>,
+    /// The last batch's span lengths, for the next one.
+    span_lengths: Vec<usize>,
     /// `Resource.attributes`, encoded once: the `service.name`.
     resource: Attributes,
     scope: &'static str,
@@ -74,6 +76,7 @@ impl Exporter {
             channel,
             grpc_timeout,
             spare: Vec::new(),
+            span_lengths: Vec::new(),
             resource: Attributes::resource(service_name),
             scope,
         })
@@ -88,13 +91,19 @@ impl Exporter {
     /// five-byte message header and that one buffer becomes the request body.
     pub async fn export(&mut self, spans: &[Box<SpanRecord>]) -> Result<(), ExportError> {
         // Sized for the whole batch from the start: growing it would copy it again.
-        let lengths = Lengths::of(&self.resource, self.scope, spans);
+        let lengths = Lengths::of(
+            &self.resource,
+            self.scope,
+            spans,
+            std::mem::take(&mut self.span_lengths),
+        );
         let bound = FRAME_HEADER + framed(lengths.resource_spans);
         let mut buf = std::mem::take(&mut self.spare);
         buf.clear();
         buf.reserve(bound);
         buf.extend_from_slice(&[0; FRAME_HEADER]);
         write_request(&mut buf, &lengths, &self.resource, self.scope, spans);
+        self.span_lengths = lengths.spans;
         let len = u32::try_from(buf.len() - FRAME_HEADER)
             .map_err(|_| ExportError::Transport("batch over 4 GiB".into()))?;
         // Not compressed (0), then the length, big endian.
@@ -346,6 +355,103 @@ impl Attributes {
     }
 }
 
+/// A span attribute's key encoded at compile time, with the field and `KeyValue` headers
+/// around it, for the attributes every traced request writes (status code, path, outcome):
+/// appending it is one copy of a stack array with two length bytes patched, where writing
+/// the key out took three copies and the length arithmetic.
+#[derive(Debug)]
+pub struct Key {
+    /// Written as by `Attributes::str` / `int` with an empty value: the span's attributes
+    /// field tag, the `KeyValue` length, the key, the `KeyValue.value` tag and length, and
+    /// the `AnyValue` tag of the value's type. Both lengths grow by the value's size.
+    head: [u8; KEY_HEAD],
+    /// The key's length; the head is `key + 8` bytes.
+    key: u8,
+    text: &'static str,
+}
+
+/// Room for a key of up to `KEY_HEAD - 8` bytes (long enough for the conventions' keys).
+const KEY_HEAD: usize = 56;
+
+impl Key {
+    /// The key of a string attribute.
+    pub const fn string(key: &'static str) -> Key {
+        // AnyValue { string_value = 1 }: the tag, then the text's length and the text.
+        Key::new(key, (1 << 3) | LEN as u8, 1)
+    }
+
+    /// The key of an integer attribute.
+    pub const fn int(key: &'static str) -> Key {
+        // AnyValue { int_value = 3 }: the tag, then the varint.
+        Key::new(key, (3 << 3) | VARINT as u8, 0)
+    }
+
+    /// `value_tag` is the `AnyValue` field's tag; `length_bytes` how many bytes of the
+    /// value's own length follow it (one for a short text, none for a varint).
+    const fn new(key: &'static str, value_tag: u8, length_bytes: u8) -> Key {
+        let bytes = key.as_bytes();
+        // A compile-time error for a key that does not fit (these are constants).
+        assert!(
+            bytes.len() <= KEY_HEAD - 8,
+            "attribute key too long for Key"
+        );
+        let k = bytes.len();
+        let mut head = [0u8; KEY_HEAD];
+        head[0] = (9 << 3) | LEN as u8;
+        // KeyValue: key (tag, length, text), value (tag, length), AnyValue's tag, and the
+        // value's length byte when it has one.
+        head[1] = 2 + k as u8 + 2 + 1 + length_bytes;
+        head[2] = (1 << 3) | LEN as u8;
+        head[3] = k as u8;
+        let mut i = 0;
+        while i < k {
+            head[4 + i] = bytes[i];
+            i += 1;
+        }
+        head[4 + k] = (2 << 3) | LEN as u8;
+        head[5 + k] = 1 + length_bytes;
+        head[6 + k] = value_tag;
+        Key {
+            head,
+            key: k as u8,
+            text: key,
+        }
+    }
+}
+
+impl Attributes {
+    /// A string attribute of a key encoded once (see [`Key::string`]).
+    pub fn str_key(&mut self, key: &Key, value: &str) {
+        let k = usize::from(key.key);
+        if self.field != 9 || k + value.len() >= SHORT {
+            return self.str(key.text, value);
+        }
+        let mut head = key.head;
+        let v = value.len() as u8;
+        head[1] += v;
+        head[5 + k] += v;
+        head[7 + k] = v;
+        self.bytes.reserve(8 + k + value.len());
+        self.bytes.extend_from_slice(&head[..8 + k]);
+        self.bytes.extend_from_slice(value.as_bytes());
+    }
+
+    /// An integer attribute of a key encoded once (see [`Key::int`]).
+    pub fn int_key(&mut self, key: &Key, value: i64) {
+        let k = usize::from(key.key);
+        if self.field != 9 {
+            return self.int(key.text, value);
+        }
+        // Room behind the head for the ten bytes of the longest varint.
+        let mut head = [0u8; KEY_HEAD + 10];
+        head[..KEY_HEAD].copy_from_slice(&key.head);
+        let n = varint_into_at(&mut head, 7 + k, value as u64);
+        head[1] += n as u8;
+        head[5 + k] += n as u8;
+        self.bytes.extend_from_slice(&head[..7 + k + n]);
+    }
+}
+
 /// Below this many bytes of key and value together, every length in a string attribute is
 /// one varint byte: the `KeyValue` is 6 bytes of headers plus both texts, under 128.
 const SHORT: usize = 128 - 6;
@@ -374,7 +480,7 @@ pub fn encode_request(
 ) {
     write_request(
         out,
-        &Lengths::of(resource, scope, spans),
+        &Lengths::of(resource, scope, spans, Vec::new()),
         resource,
         scope,
         spans,
@@ -401,25 +507,36 @@ fn write_request(
     // ScopeSpans.scope: InstrumentationScope { name = 1 }
     head(out, 1, framed(scope.len()));
     string(out, 1, scope);
-    for span in spans {
-        encode_span(out, span);
+    for (span, &len) in spans.iter().zip(&lengths.spans) {
+        encode_span(out, span, len);
     }
     debug_assert_eq!(out.len() - start, framed(lengths.resource_spans));
 }
 
-/// The content lengths of the two messages around the spans.
+/// The content lengths of the two messages around the spans, and of each span: every span's
+/// length is needed twice (in the sum and in its own header) and computed once.
 struct Lengths {
     resource_spans: usize,
     scope_spans: usize,
+    spans: Vec<usize>,
 }
 
 impl Lengths {
-    fn of(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> Lengths {
-        let spans_len: usize = spans.iter().map(|s| framed(span_len(s))).sum();
+    /// `spans` is a buffer to reuse for the spans' lengths.
+    fn of(
+        resource: &Attributes,
+        scope: &str,
+        records: &[Box<SpanRecord>],
+        mut spans: Vec<usize>,
+    ) -> Lengths {
+        spans.clear();
+        spans.extend(records.iter().map(|s| span_len(s)));
+        let spans_len: usize = spans.iter().map(|&len| framed(len)).sum();
         let scope_spans = framed(framed(scope.len())) + spans_len;
         Lengths {
             resource_spans: framed(resource.as_bytes().len()) + framed(scope_spans),
             scope_spans,
+            spans,
         }
     }
 }
@@ -427,7 +544,7 @@ impl Lengths {
 /// The exact length `encode_request` writes.
 #[cfg(test)]
 fn encoded_len(resource: &Attributes, scope: &str, spans: &[Box<SpanRecord>]) -> usize {
-    framed(Lengths::of(resource, scope, spans).resource_spans)
+    framed(Lengths::of(resource, scope, spans, Vec::new()).resource_spans)
 }
 
 /// The size of a length-delimited field (numbers 1 to 15) with `len` bytes of content: a
@@ -473,9 +590,8 @@ fn status_len(message: &str) -> usize {
 /// One `Span` message (opentelemetry/proto/trace/v1/trace.proto), as field 2 of
 /// `ScopeSpans`. The fixed-size fields are assembled on the stack and appended in three
 /// copies rather than pushed byte by byte.
-fn encode_span(out: &mut Vec<u8>, span: &SpanRecord) {
+fn encode_span(out: &mut Vec<u8>, span: &SpanRecord, len: usize) {
     let cx = &span.context;
-    let len = span_len(span);
     let start = out.len();
     // ScopeSpans.spans (tag, length), Span.trace_id = 1 and span_id = 2.
     let mut ids = [0u8; 1 + 10 + 28];
@@ -589,6 +705,45 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Pv;
     use std::borrow::Cow;
     use std::str::FromStr;
+
+    /// A pre-encoded key writes the bytes that writing the key out does, on both sides of
+    /// the short-value limit and of every varint length.
+    #[test]
+    fn encoded_keys_write_what_written_keys_do() {
+        const S: Key = Key::string("url.path");
+        const I: Key = Key::int("http.response.status_code");
+        for len in [0, 1, 50, SHORT - 9, SHORT - 8, SHORT - 7, 200, 20_000] {
+            let value = "p".repeat(len);
+            let (mut keyed, mut written) = (Attributes::default(), Attributes::default());
+            keyed.str_key(&S, &value);
+            written.str("url.path", &value);
+            assert_eq!(keyed.as_bytes(), written.as_bytes(), "{len}");
+        }
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            200,
+            503,
+            16_383,
+            16_384,
+            -1,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let (mut keyed, mut written) = (Attributes::default(), Attributes::default());
+            keyed.int_key(&I, v);
+            written.int("http.response.status_code", v);
+            assert_eq!(keyed.as_bytes(), written.as_bytes(), "{v}");
+        }
+        // Not span attributes: written out as the resource's.
+        let mut resource = Attributes::resource("svc");
+        let mut want = resource.clone();
+        resource.str_key(&S, "/x");
+        want.str("url.path", "/x");
+        assert_eq!(resource.as_bytes(), want.as_bytes());
+    }
 
     /// A record and the attributes it should decode to.
     fn record(i: u64, long: bool) -> (Box<SpanRecord>, Vec<(String, Pv)>) {

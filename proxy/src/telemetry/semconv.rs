@@ -1,12 +1,20 @@
 //! Span attributes of the HTTP semantic conventions whose values come from a small set (the
 //! method, the scheme and protocol version), encoded once per process: a traced request
-//! copies each as one pre-encoded run of bytes instead of writing its key and value.
+//! copies each as one pre-encoded run of bytes instead of writing its key and value. The
+//! keys of the attributes whose values vary are encoded at compile time.
 
 use std::sync::LazyLock;
 
 use http::{Method, Version};
 
-use super::otlp::Attributes;
+use super::otlp::{Attributes, Key};
+
+/// The keys every traced request writes, encoded at compile time (see [`Key`]).
+pub const URL_PATH: Key = Key::string("url.path");
+pub const SERVER_ADDRESS: Key = Key::string("server.address");
+pub const STATUS_CODE: Key = Key::int("http.response.status_code");
+pub const OUTCOME: Key = Key::string("tern.outcome");
+pub const RETRIES: Key = Key::int("tern.retries");
 
 /// The methods of RFC 9110 and PATCH; any other is written out per request.
 const METHODS: [Method; 9] = [

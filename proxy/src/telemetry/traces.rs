@@ -22,8 +22,9 @@ use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, T
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
-pub use super::otlp::Attributes;
 use super::otlp::Exporter;
+pub use super::otlp::{Attributes, Key};
+use super::semconv;
 
 /// Finished spans waiting for export; past this, new ones are dropped (and counted).
 pub const QUEUE: usize = 8192;
@@ -378,9 +379,9 @@ impl ServerSpan {
     }
 
     /// Adds an integer attribute (after the start, e.g. the retry count).
-    pub fn set_int(&mut self, key: &str, value: i64) {
+    pub fn set_int(&mut self, key: &Key, value: i64) {
         if let Sampling::Recording(r, ..) = &mut self.kind {
-            r.attributes.int(key, value);
+            r.attributes.int_key(key, value);
         }
     }
 
@@ -394,9 +395,9 @@ impl ServerSpan {
         };
         r.end_unix_nano = anchor.unix_nanos(at);
         r.attributes
-            .int("http.response.status_code", i64::from(status));
+            .int_key(&semconv::STATUS_CODE, i64::from(status));
         if outcome != "-" {
-            r.attributes.str("tern.outcome", outcome);
+            r.attributes.str_key(&semconv::OUTCOME, outcome);
         }
         if status >= 500 {
             error_status(&mut r.attributes, status);
@@ -414,7 +415,8 @@ impl Drop for ServerSpan {
             std::mem::replace(&mut self.kind, Sampling::Ended)
         {
             r.end_unix_nano = anchor.unix_nanos(Instant::now());
-            r.attributes.str("tern.outcome", DOWNSTREAM_DISCONNECT);
+            r.attributes
+                .str_key(&semconv::OUTCOME, DOWNSTREAM_DISCONNECT);
             tracing.submit(r);
         }
     }
@@ -451,7 +453,7 @@ impl AttemptSpan {
         };
         r.end_unix_nano = anchor.unix_nanos(at);
         if let Some(s) = status {
-            r.attributes.int("http.response.status_code", i64::from(s));
+            r.attributes.int_key(&semconv::STATUS_CODE, i64::from(s));
             if s >= 500 {
                 error_status(&mut r.attributes, s);
             }
