@@ -227,9 +227,9 @@ pub struct EndpointState {
     pub outlier: Outlier,
     pub metrics: EndpointMetrics,
     /// The client-span attributes of an attempt to this endpoint (`server.address`,
-    /// `server.port`, `tern.endpoint`, `tern.service`), encoded on the first sampled attempt: formatting
-    /// the address for every attempt was a fifth of its span's cost. Empty (24 bytes) while
-    /// nothing is traced.
+    /// `server.port`, `tern.endpoint`, `tern.service`), encoded on the first sampled
+    /// attempt: formatting the address for every attempt was a fifth of its span's cost.
+    /// Empty (24 bytes) while nothing is traced.
     pub span_attributes: std::sync::OnceLock<Box<[u8]>>,
 }
 

@@ -215,7 +215,7 @@ fn decode_response(data: &[u8]) -> Result<ExportTraceServiceResponse, ExportErro
 /// copies the bytes.
 #[derive(Debug, Clone)]
 pub struct Attributes {
-    /// The repeated `KeyValue` field: 9 in `Span`, 1 in `Resource`.
+    /// The repeated `KeyValue` field: `SPAN_ATTRIBUTES` in `Span`, 1 in `Resource`.
     field: u32,
     bytes: Vec<u8>,
 }
@@ -230,7 +230,7 @@ impl Attributes {
     /// A span's attributes, with room for `bytes`.
     pub fn with_capacity(bytes: usize) -> Attributes {
         Attributes {
-            field: 9,
+            field: SPAN_ATTRIBUTES,
             bytes: Vec::with_capacity(bytes),
         }
     }
@@ -365,10 +365,13 @@ pub struct Key {
     /// field tag, the `KeyValue` length, the key, the `KeyValue.value` tag and length, and
     /// the `AnyValue` tag of the value's type. Both lengths grow by the value's size.
     head: [u8; KEY_HEAD],
-    /// The key's length; the head is `key + 8` bytes.
+    /// The key's length: the head takes `key + 7` bytes, and a string's length byte one more.
     key: u8,
     text: &'static str,
 }
+
+/// `Span.attributes`, the field a `Key`'s head is encoded for.
+const SPAN_ATTRIBUTES: u32 = 9;
 
 /// Room for a key of up to `KEY_HEAD - 8` bytes (long enough for the conventions' keys).
 const KEY_HEAD: usize = 56;
@@ -397,7 +400,7 @@ impl Key {
         );
         let k = bytes.len();
         let mut head = [0u8; KEY_HEAD];
-        head[0] = (9 << 3) | LEN as u8;
+        head[0] = (SPAN_ATTRIBUTES << 3 | LEN) as u8;
         // KeyValue: key (tag, length, text), value (tag, length), AnyValue's tag, and the
         // value's length byte when it has one.
         head[1] = 2 + k as u8 + 2 + 1 + length_bytes;
@@ -423,7 +426,7 @@ impl Attributes {
     /// A string attribute of a key encoded once (see [`Key::string`]).
     pub fn str_key(&mut self, key: &Key, value: &str) {
         let k = usize::from(key.key);
-        if self.field != 9 || k + value.len() >= SHORT {
+        if self.field != SPAN_ATTRIBUTES || k + value.len() >= SHORT {
             return self.str(key.text, value);
         }
         let mut head = key.head;
@@ -439,7 +442,7 @@ impl Attributes {
     /// An integer attribute of a key encoded once (see [`Key::int`]).
     pub fn int_key(&mut self, key: &Key, value: i64) {
         let k = usize::from(key.key);
-        if self.field != 9 {
+        if self.field != SPAN_ATTRIBUTES {
             return self.int(key.text, value);
         }
         // Room behind the head for the ten bytes of the longest varint.
@@ -742,6 +745,8 @@ mod tests {
         let mut want = resource.clone();
         resource.str_key(&S, "/x");
         want.str("url.path", "/x");
+        resource.int_key(&I, 200);
+        want.int("http.response.status_code", 200);
         assert_eq!(resource.as_bytes(), want.as_bytes());
     }
 
